@@ -221,12 +221,14 @@ def _probe_input(model: nn.Module, input_size: Sequence[int] | None) -> torch.Te
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if input_size is None:
+        # in_chans from the first conv: a timm model built with in_chans=1 keeps the
+        # 3-channel input_size of its pretrained_cfg
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         in_chans = first_conv.in_channels if first_conv is not None else 3
-        input_size = (in_chans, _DEFAULT_PROBE_SIZE, _DEFAULT_PROBE_SIZE)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        cfg_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        side = tuple(cfg_size[1:]) if cfg_size else (_DEFAULT_PROBE_SIZE, _DEFAULT_PROBE_SIZE)
+        input_size = (in_chans, *side)
     if len(input_size) != 3:
         raise SurgeryError(f"input_size must be (channels, height, width), got {input_size}")
     # batch of 2 so the batch dimension can be told apart from channels of size 1

@@ -1,0 +1,198 @@
+"""ERM training: loss pieces with known answers, the schedule, a small real run, resume."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch.utils.data import Dataset, Subset
+
+import erm_surgery as E
+from erm_surgery import metrics
+from erm_surgery.data import load_mnist5k
+from erm_surgery.losses import ERMConfig, erm_loss, inner_product, is_erm_epoch, l1_hinge
+from erm_surgery.mask import ERMMask
+from erm_surgery.prohibition import prohibition_accuracy
+from erm_surgery.training import train
+
+HERE = Path(__file__).parent
+
+
+# ----------------------------------------------------------------- known answers
+
+
+def test_inner_product_and_l1_hinge_known_answers():
+    ones = torch.ones(3, 4)
+    assert inner_product(ones) == 12  # 3 pairs x 4 shared channels
+    assert inner_product(torch.eye(4)) == 0
+    assert l1_hinge(ones, alpha=12) == 0  # exactly on budget
+    assert l1_hinge(ones, alpha=6) == 6  # each row 4 vs budget 2
+    assert torch.isclose(l1_hinge(ones, alpha=6, p=2), torch.tensor(12.0).sqrt())
+
+
+def test_g_metrics_known_answers():
+    assert metrics.csi(torch.eye(5)) == 0
+    assert torch.isclose(metrics.csi(torch.ones(4, 6)), torch.tensor(12.0))
+    assert metrics.l1_density(torch.eye(4)) == 0.25
+    assert metrics.ones_per_row(torch.eye(4)) == 1
+    assert metrics.zero_rows(torch.tensor([[0.0, 0], [1, 0]])).tolist() == [True, False]
+
+
+def test_projection_rows_and_channels():
+    mask = ERMMask(3, 4)
+    mask.G.data = torch.tensor([[0.2, 0.4, -0.1, 0.1], [2.0, 1.0, 0.0, 0.5], [0.0, 0, 0, 0]])
+    mask.forgotten[1] = True
+    mask.project_("row")
+    assert torch.allclose(mask.G[0], torch.tensor([0.5, 1.0, 0.0, 0.25]))
+    assert mask.G[1].abs().sum() == 0  # forgotten rows stay zero
+    assert mask.G[2].abs().sum() == 0
+    m2 = ERMMask(2, 2)
+    m2.G.data = torch.tensor([[0.5, 0.2], [0.25, 0.4]])
+    m2.project_("channel")
+    assert torch.allclose(m2.G, torch.tensor([[1.0, 0.5], [0.5, 1.0]]))
+    with pytest.raises(ValueError, match="row"):
+        m2.project_("diagonal")
+
+
+def test_keep_mask_threshold():
+    mask = ERMMask(3, 4)
+    mask.G.data = torch.tensor([[1.0, 0.3, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    assert mask.keep_mask([0]).tolist() == [False, False, True, True]
+    assert mask.keep_mask([0], threshold=0.5).tolist() == [False, True, True, True]
+    assert mask.keep_mask([0, 1]).tolist() == [False, False, False, True]
+
+
+def test_schedule():
+    alternate = ERMConfig(erm_every=2, warmup_epochs=1)
+    assert [is_erm_epoch(e, alternate) for e in range(6)] == [False, False, True, False, True,
+                                                                False]
+    reference = ERMConfig(erm_every=3, warmup_epochs=0)
+    assert [is_erm_epoch(e, reference) for e in range(6)] == [False, False, True] * 2
+    assert all(is_erm_epoch(e, ERMConfig(erm_every=1, warmup_epochs=0)) for e in range(3))
+    with pytest.raises(ValueError, match="erm_every"):
+        ERMConfig(erm_every=0)
+    with pytest.raises(ValueError, match="projection"):
+        ERMConfig(projection="col")
+
+
+def test_erm_loss_is_one_forward_and_reaches_g():
+    model = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
+    calls = []
+    handle = model.model.fc.register_forward_hook(lambda *a: calls.append(1))
+    loss, terms = erm_loss(model, x, y, ERMConfig(), return_terms=True)
+    handle.remove()
+    assert len(calls) == 1
+    loss.backward()
+    # only the rows of labels in the batch get a CE gradient; regularisers touch all rows
+    assert model.erm.G.grad is not None and model.erm.G.grad.abs().sum() > 0
+    assert set(terms) == {"ce", "l1", "inner", "logits"}
+    with pytest.raises(TypeError, match="attach"):
+        erm_loss(timm.create_model("test_resnet", num_classes=10), x, y)
+
+
+def test_train_rejects_bad_arguments():
+    model = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 32, 32), torch.arange(8) % 10)
+    with pytest.raises(TypeError, match="attach"):
+        train(model.model, data, epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        train(model, data, epochs=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # includes G
+    with pytest.raises(ValueError, match="G"):
+        train(model, data, epochs=1, optimizer=opt)
+
+
+# ----------------------------------------------------------------- a small real run
+
+
+@pytest.fixture(scope="module")
+def mnist_small():
+    train_set, test_set = load_mnist5k(n_train=4000)
+    return Subset(train_set, range(2000)), Subset(test_set, range(600))
+
+
+def test_erm_training_reaches_the_paper_properties_on_real_digits(mnist_small, tmp_path):
+    """A small version of the issue's target: accuracy kept, G sparse and orthogonal,
+    prohibiting a class's channels removes that class only."""
+    train_set, test_set = mnist_small
+    base = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    plain = E.attach(base)
+    std_only = ERMConfig(erm_every=10**6, warmup_epochs=0)
+    # batch 64: ~32 steps per epoch, enough G updates in two ERM epochs
+    ref = train(plain, train_set, epochs=6, val_data=test_set, config=std_only,
+                batch_size=64, show_progress=False)
+    model = E.attach(base)
+    result = train(model, train_set, epochs=6, val_data=test_set, show_progress=False,
+                   batch_size=64, output_dir=tmp_path)
+    last = result.history[-1]
+    assert [h.path for h in result.history] == ["std", "std", "erm", "std", "erm", "std"]
+    assert last.val_accuracy >= ref.history[-1].val_accuracy - 0.02
+    assert last.csi < 9.0, "rows of G should be nearly orthogonal (max is 90)"
+    assert 0.02 <= last.l1_density <= 0.2
+    table = prohibition_accuracy(model, test_set)
+    assert table.mean_prohibited <= 0.10
+    assert table.mean_permitted >= table.std_accuracy - 0.03
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert len(saved["history"]) == 6 and saved["config"]["lambda2"] == 1e-3
+
+
+class Crashing(Dataset):
+    """Raises after ``limit`` samples: a job killed in the middle of an epoch."""
+
+    def __init__(self, base, limit):
+        self.base, self.limit, self.seen = base, limit, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.seen += 1
+        if self.seen > self.limit:
+            raise RuntimeError("killed")
+        return self.base[i]
+
+
+def test_resume_after_a_crash_continues_exactly(mnist_small, tmp_path):
+    train_set = Subset(mnist_small[0], range(256))
+    start = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
+    kwargs = dict(epochs=3, batch_size=64, show_progress=False, checkpoint_every=1,
+                  config=ERMConfig(warmup_epochs=0))
+    full = train(copy.deepcopy(start), train_set, output_dir=tmp_path / "a", **kwargs)
+    crashing = Crashing(train_set, limit=256 * 2 + 100)  # dies inside the third epoch
+    with pytest.raises(RuntimeError, match="killed"):
+        train(copy.deepcopy(start), crashing, output_dir=tmp_path / "b", **kwargs)
+    assert E.read_metadata(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    resumed = train(copy.deepcopy(start), train_set, output_dir=tmp_path / "b",
+                    resume_from=tmp_path / "b" / "checkpoint", **kwargs)
+    assert [h.epoch for h in resumed.history] == [0, 1, 2]
+    for (name, a), b in zip(full.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not list((tmp_path / "b").glob(".*")), "no temp folders left behind"
+
+
+# ----------------------------------------------------------------- two processes
+
+
+def test_two_cpu_processes_with_torchrun(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + os.getpid() % 1000),
+           str(HERE / "dist_train_script.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["g_sum"] == ranks[1]["g_sum"] and ranks[0]["w_sum"] == ranks[1]["w_sum"]
+    assert ranks[0]["g_equal_across_ranks"] and ranks[0]["w_equal_across_ranks"]
+    # metrics over the whole validation set: 101 samples, none dropped or duplicated
+    assert ranks[0]["val_seen"] == ranks[1]["val_seen"] == 101
+    assert abs(ranks[0]["val_accuracy"] - ranks[0]["reference_val_accuracy"]) < 1e-9
+    assert (tmp_path / "out" / "history.json").exists()
+    assert (tmp_path / "out" / "checkpoint" / "model.safetensors").exists()
