@@ -35,7 +35,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import SurgeryError
 from .mask import ERMMask, apply_channel_mask
 
-__all__ = ["attach", "detach", "unwrap", "is_attached", "ERMModel", "SurgeryInfo",
+__all__ = ["attach", "detach", "unwrap", "is_attached", "num_classes_of", "ERMModel", "SurgeryInfo",
            "trace_model", "feature_candidates"]
 
 _WEIGHTS_INPUT = "erm_weights"
@@ -396,7 +396,8 @@ def _check_no_bypass(gm: fx.GraphModule) -> None:
     if leaks:
         raise SurgeryError(
             "the input reaches the head around the feature map (a skip connection past the "
-            "mask), so masking could not remove a class; pass an earlier feature_node="
+            "mask), so masking could not remove a class. Pass feature_node= a block output, "
+            "or a larger input_size= if the last maps are 1 x 1 at the probe size"
         )
 
 
@@ -521,9 +522,16 @@ class ERMModel(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *,
-                channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+                channel_mask: torch.Tensor | None = None,
+                return_features: bool = False) -> torch.Tensor:
+        """Logits (STD path, or ERM path with ``labels=`` / ``channel_mask=``).
+
+        ``return_features=True`` returns the (masked) feature map instead, through
+        ``forward`` so that wrappers such as DDP see the call.
+        """
         weights = self._weights(x, labels, channel_mask)
-        return self._graph("full")(x, **{_WEIGHTS_INPUT: weights})
+        kind = "features" if return_features else "full"
+        return self._graph(kind)(x, **{_WEIGHTS_INPUT: weights})
 
     def forward_features(self, x: torch.Tensor, labels: torch.Tensor | None = None, *,
                          channel_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -578,6 +586,27 @@ def _check_channel_mask(mask: torch.Tensor, batch: int, num_channels: int) -> to
 def is_attached(model: nn.Module) -> bool:
     """True for a model returned by :func:`attach`."""
     return isinstance(model, ERMModel)
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """Number of classes of an attached or plain classifier.
+
+    Attached models know it; timm models carry ``num_classes``; otherwise the last
+    ``nn.Linear``'s output width is taken.
+    """
+    if isinstance(model, ERMModel):
+        return model.num_classes
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise SurgeryError(f"cannot tell how many classes {type(model).__name__} has: no "
+                           "num_classes attribute and no nn.Linear classifier")
+    return last.out_features
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,482 @@
+"""KTP: Knowledge Transfer and Prohibition (ERM-KTP paper, section 4.2-4.3, Algorithms 2-3).
+
+``unlearn(model, classes, data)`` returns a *fresh* student:
+
+- **CKT**: a re-initialised copy of the architecture is trained so that its feature map
+  matches the teacher's map times ``Gbar`` (the channels no forget class uses), MSE on the
+  map plus MSE on the pooled vector. The teacher runs in eval mode without grad; its
+  masked maps are computed once and cached when the data is deterministic.
+- **FKT**: the teacher's head is copied; its inputs from prohibited channels are zeroed,
+  and the forget classes' rows are zeroed with a bias of ``forget_bias``, so their logit is
+  a constant far below any retained logit.
+- **GKT**: ``G`` is copied with the forget rows zeroed and ``erm.forgotten`` set, so the
+  model itself records which classes are gone (saved in checkpoints).
+
+The teacher object is never modified; ``unlearn_checkpoint`` replaces a checkpoint file
+atomically so no copy of the teacher is left behind (Algorithm 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .checkpoint import load, save
+from .data import as_dataset, get_labels
+from .errors import UnlearningError
+from .surgery import ERMModel, attach, num_classes_of
+
+__all__ = ["KTPConfig", "UnlearningInfo", "unlearn", "ktp", "unlearn_checkpoint",
+           "check_forget_classes", "available_methods", "register_method"]
+
+
+@dataclass
+class KTPConfig:
+    """Hyperparameters of KTP.
+
+    Attributes:
+        threshold: a channel is prohibited when a forget class has ``G[c, k] > threshold``
+            (0 = the reference code: any use prohibits; the paper defines only 0 and 1).
+        epochs: distillation epochs of the student.
+        lr: SGD learning rate of the student (momentum 0.9, nesterov, cosine to 0).
+        weight_decay: of the student's optimiser.
+        batch_size: distillation batch size.
+        distill_on: ``"retain"`` (the student never sees the forget classes, like a
+            retrained model) or ``"all"`` (forget samples too, with their prohibited
+            channels as zero targets).
+        pooled_weight: weight of the MSE on the spatially pooled map (reference code: 1).
+        logit_weight: weight of a distillation term on logits: KL divergence between the
+            (already prohibited) head applied to the teacher's masked map and to the
+            student's map, at ``temperature`` (0 = the paper's feature MSE only).
+        temperature: softmax temperature of that term.
+        cache_teacher: compute the teacher's masked maps once; ``None`` = when the data has
+            no random transform (TensorDataset, or no ``transform`` attribute) and one
+            process runs.
+        forget_bias: bias given to the forget classes' zeroed rows.
+        entanglement_warning: warn when a retain class loses more than this fraction of the
+            channels it uses (knowledge entanglement).
+        seed: seeds the student's re-initialisation and the data order.
+        show_progress: tqdm bar on the main process.
+    """
+
+    threshold: float = 0.0
+    epochs: int = 2
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    distill_on: str = "retain"
+    pooled_weight: float = 1.0
+    logit_weight: float = 0.0
+    temperature: float = 4.0
+    cache_teacher: bool | None = None
+    forget_bias: float = -1e4
+    entanglement_warning: float = 0.3
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.distill_on not in ("retain", "all"):
+            raise ValueError(f"distill_on must be 'retain' or 'all', got {self.distill_on!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+
+@dataclass
+class UnlearningInfo:
+    """What one unlearning request did (also kept on the student as ``unlearning_info``)."""
+
+    method: str
+    forget_classes: list[int]
+    threshold: float
+    prohibited_channels: int
+    num_channels: int
+    channels_per_forget_class: dict[int, int]
+    retain_channels_lost: dict[int, float]
+    distill_on: str
+    epochs: int
+    samples: int
+    final_mse: float
+    seconds: float
+    not_reinitialised: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------- validation
+
+
+def check_forget_classes(model: nn.Module, classes: Iterable[int], *,
+                         require_attached: bool = True) -> list[int]:
+    """Validate an unlearning request; returns the sorted class ids.
+
+    Shared by every method. Errors name the problem: not attached (when the method needs
+    ``G``), empty, duplicates, unknown ids, already forgotten, or nothing left to keep.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnlearningError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if require_attached and not isinstance(model, ERMModel):
+        raise UnlearningError(
+            f"this method needs a model returned by erm_surgery.attach() and trained with "
+            f"erm_surgery.train(); got {type(model).__name__}, which was never attached")
+    if isinstance(classes, int):
+        classes = [classes]
+    ids = list(classes)
+    if not ids:
+        raise UnlearningError("no classes to forget: pass a non-empty list of class ids")
+    if any(isinstance(c, bool) or not isinstance(c, (int, torch.Tensor)) for c in ids):
+        raise UnlearningError(f"class ids must be integers, got {ids}")
+    ids = [int(c) for c in ids]
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    if dupes:
+        raise UnlearningError(f"duplicate class ids {dupes}: pass each class once")
+    C = num_classes_of(model)
+    already = model.erm.forgotten_classes if isinstance(model, ERMModel) else []
+    bad = [c for c in ids if not 0 <= c < C]
+    if bad:
+        raise UnlearningError(f"unknown class ids {bad}: the model has classes 0..{C - 1}")
+    gone = sorted(set(ids) & set(already))
+    if gone:
+        raise UnlearningError(f"classes {gone} are already forgotten (G rows are zero); "
+                              "remove them from the request")
+    left = set(range(C)) - set(ids) - set(already)
+    if not left:
+        raise UnlearningError("the request would forget every class: at least one class "
+                              "must remain to transfer knowledge to")
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------- the pieces
+
+
+def _fresh_student(teacher: ERMModel, student: nn.Module | None,
+                   seed: int) -> tuple[ERMModel, list[str]]:
+    """A re-initialised model of the teacher's architecture, attached at the same place."""
+    if student is not None:
+        s = attach(student, feature_node=teacher.surgery.feature_node,
+                   head=teacher.surgery.head)
+        if (s.surgery.num_classes, s.surgery.num_channels) != (
+                teacher.surgery.num_classes, teacher.surgery.num_channels):
+            raise UnlearningError("student= must have the teacher's architecture and class "
+                                  "count")
+        s.to(teacher.erm.G.device)
+        return s, []
+    s = copy.deepcopy(teacher)
+    torch.manual_seed(seed)
+    for module in s.model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    # parameters of modules without reset_parameters (e.g. timm LayerScale gammas) are
+    # still the teacher's: name them so the caller can pass student= instead
+    theirs = dict(teacher.model.named_parameters())
+    same = [name for name, p in s.model.named_parameters()
+            if p.shape == theirs[name].shape and torch.equal(p, theirs[name])]
+    return s, same
+
+
+def _head_layers(model: ERMModel) -> list[tuple[str, nn.Module]]:
+    return [(name, model.model.get_submodule(name)) for name in model.surgery.head_modules]
+
+
+@torch.no_grad()
+def _transfer_head(teacher: ERMModel, student: ERMModel, keep: torch.Tensor,
+                   forget: Sequence[int], forget_bias: float) -> None:
+    """FKT: copy the head, cut its inputs from prohibited channels, block forget rows."""
+    for (_, t_mod), (_, s_mod) in zip(_head_layers(teacher), _head_layers(student),
+                                         strict=True):
+        s_mod.load_state_dict(t_mod.state_dict())
+    K = teacher.surgery.num_channels
+    drop = ~keep
+    for _, mod in _head_layers(student):
+        w = getattr(mod, "weight", None)
+        if w is None:
+            continue
+        if w.dim() == 1 and w.numel() == K:  # per-channel affine (a norm in the head)
+            w[drop] = 0
+            if getattr(mod, "bias", None) is not None:
+                mod.bias[drop] = 0
+            continue
+        in_features = w.shape[1] if w.dim() >= 2 else None
+        if in_features == K:  # Linear(K, .) or Conv(K, ., k)
+            w[:, drop] = 0
+        elif in_features is not None and in_features % K == 0:  # flattened (K, H, W) maps
+            w.view(w.shape[0], K, -1)[:, drop] = 0
+        break
+    classifier = student.model.get_submodule(student.surgery.head)
+    idx = torch.as_tensor(list(forget), dtype=torch.long, device=classifier.weight.device)
+    classifier.weight[idx] = 0
+    if getattr(classifier, "bias", None) is not None:
+        classifier.bias[idx] = forget_bias
+
+
+def _entanglement(G: torch.Tensor, forget: Sequence[int], keep: torch.Tensor,
+                  threshold: float, forgotten: Sequence[int]) -> tuple[dict, dict]:
+    used = G > threshold
+    per_forget = {c: int(used[c].sum()) for c in forget}
+    lost = {}
+    for r in range(G.shape[0]):
+        if r in forget or r in forgotten:
+            continue
+        own = used[r]
+        lost[r] = float((own & ~keep).sum() / own.sum().clamp_min(1))
+    return per_forget, lost
+
+
+class _Indexed(Dataset):
+    """Yields ``(x, index)`` so cached teacher targets can be looked up per sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.dataset[i][0], i
+
+
+def _deterministic(dataset: Dataset) -> bool:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorDataset) or getattr(dataset, "transform", None) is None
+
+
+def _distill_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int,
+                  pooled_weight: float) -> torch.Tensor:
+    spatial = [d for d in (1, 2, 3) if d != channel_dim]
+    loss = F.mse_loss(out, target)
+    if pooled_weight:
+        loss = loss + pooled_weight * F.mse_loss(out.mean(spatial), target.mean(spatial))
+    return loss
+
+
+# ----------------------------------------------------------------------- KTP
+
+
+def ktp(
+    model: ERMModel,
+    classes: Iterable[int],
+    data: Dataset | DataLoader,
+    *,
+    config: KTPConfig | None = None,
+    accelerator: Any = None,
+    student: nn.Module | None = None,
+) -> tuple[ERMModel, UnlearningInfo]:
+    """Knowledge Transfer and Prohibition; returns ``(student, info)``. See :func:`unlearn`."""
+    from tqdm.auto import tqdm
+
+    from .training import make_accelerator
+
+    forget = check_forget_classes(model, classes)
+    config = config or KTPConfig()
+    start = time.perf_counter()
+    acc = accelerator or make_accelerator()
+    teacher = model
+    device = acc.device
+
+    try:
+        labels = get_labels(data)
+    except ValueError as err:
+        raise UnlearningError(f"the data has no labels: {err}") from err
+    dataset = as_dataset(data)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= teacher.num_classes):
+        raise UnlearningError(f"the data has labels outside 0..{teacher.num_classes - 1}")
+    if config.distill_on == "retain":
+        excluded = torch.as_tensor(forget + teacher.erm.forgotten_classes)
+        idx = torch.nonzero(~torch.isin(labels, excluded)).flatten().tolist()
+    else:
+        idx = list(range(len(labels)))
+    if not idx:
+        raise UnlearningError("the data has no samples of the classes to keep")
+    distill_set = Subset(dataset, idx)
+
+    G = teacher.erm.G.detach()
+    keep = teacher.erm.keep_mask(forget, config.threshold)
+    per_forget, lost = _entanglement(G, forget, keep, config.threshold,
+                                     teacher.erm.forgotten_classes)
+    entangled = {r: f for r, f in lost.items() if f > config.entanglement_warning}
+    if entangled:
+        warnings.warn(
+            f"knowledge entanglement: prohibiting the channels of classes {forget} also "
+            f"removes {', '.join(f'{f:.0%} of class {r}' for r, f in entangled.items())}'s "
+            "channels; their accuracy may drop. Train longer with ERM or raise threshold=.",
+            stacklevel=3)
+
+    s, same = _fresh_student(teacher, student, config.seed)
+    s.train()
+    teacher_mode = teacher.training
+    teacher.eval()
+    teacher.to(device)
+    keep_f = keep.to(device=device, dtype=torch.float32)
+    cd = teacher.surgery.channel_dim
+    shape = [1, 1, 1, 1]
+    shape[cd] = keep.numel()
+    keep_map = keep_f.view(shape)
+
+    # FKT first: the prohibited head is fixed during distillation (and feeds the logit term)
+    _transfer_head(teacher, s, keep.to(s.erm.G.device), forget, config.forget_bias)
+    head_params = {id(p) for _, m in _head_layers(s) for p in m.parameters()}
+    frozen = [p for p in s.parameters() if id(p) in head_params or p is s.erm.G]
+    for p in frozen:  # unused by the distillation: DDP must not wait for their gradients
+        p.requires_grad_(False)
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True,
+                          weight_decay=config.weight_decay)
+    g = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(_Indexed(distill_set), batch_size=config.batch_size, shuffle=True,
+                        generator=g)
+    total = max(1, len(loader) * config.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+    cache = config.cache_teacher
+    if cache is None:
+        cache = acc.num_processes == 1 and _deterministic(dataset)
+    targets: torch.Tensor | None = None
+    bar_total = total + (math.ceil(len(distill_set) / (2 * config.batch_size)) if cache else 0)
+    progress = tqdm(total=bar_total, desc="KTP", unit="batch", dynamic_ncols=True,
+                    disable=not (config.show_progress and acc.is_main_process))
+    with torch.no_grad():
+        if cache:  # one teacher pass, in dataset order
+            progress.set_description("KTP teacher pass")
+            parts = []
+            for x, _ in DataLoader(distill_set, batch_size=2 * config.batch_size):
+                parts.append(teacher.forward_features(x.to(device)) * keep_map)
+                progress.update(1)
+            targets = torch.cat(parts)
+
+    wrapped, opt, loader, sched = acc.prepare(s, opt, loader, sched)
+    last = torch.zeros((), device=device)
+    progress.set_description("KTP distillation")
+    for _ in range(config.epochs):
+        for x, i in loader:
+            if targets is not None:
+                target = targets[i.to(targets.device)]
+            else:
+                with torch.no_grad():
+                    target = teacher.forward_features(x) * keep_map
+            out = wrapped(x, return_features=True)  # through DDP's forward when wrapped
+            target = target.to(out.dtype)
+            loss = _distill_loss(out, target, cd, config.pooled_weight)
+            if config.logit_weight:
+                head = acc.unwrap_model(wrapped).forward_head
+                with torch.no_grad():
+                    soft = F.softmax(head(target) / config.temperature, dim=1)
+                log_p = F.log_softmax(head(out) / config.temperature, dim=1)
+                loss = loss + config.logit_weight * config.temperature ** 2 * F.kl_div(
+                    log_p, soft, reduction="batchmean")
+            acc.backward(loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            last = loss.detach()
+            progress.update(1)
+    progress.close()
+    teacher.train(teacher_mode)
+
+    s = acc.unwrap_model(wrapped)
+    for p in frozen:
+        p.requires_grad_(True)
+    with torch.no_grad():  # GKT
+        s.erm.G.copy_(teacher.erm.G)
+        s.erm.forgotten.copy_(teacher.erm.forgotten)
+        s.erm.forgotten[forget] = True
+        s.erm.G[s.erm.forgotten] = 0
+    s.eval()
+    info = UnlearningInfo(
+        method="ktp", forget_classes=forget, threshold=config.threshold,
+        prohibited_channels=int((~keep).sum()), num_channels=keep.numel(),
+        channels_per_forget_class=per_forget, retain_channels_lost=lost,
+        distill_on=config.distill_on, epochs=config.epochs, samples=len(distill_set),
+        final_mse=float(last), seconds=time.perf_counter() - start,
+        not_reinitialised=same)
+    s.__dict__["unlearning_info"] = info
+    return s, info
+
+
+# ----------------------------------------------------------------------- registry
+
+_METHODS: dict[str, Callable[..., tuple[ERMModel, UnlearningInfo]]] = {"ktp": ktp}
+
+
+def register_method(name: str, fn: Callable[..., tuple[nn.Module, Any]]) -> None:
+    """Add an unlearning method: ``fn(model, classes, data, *, config, accelerator, ...)``
+    returning ``(unlearned_model, info)``."""
+    if name in _METHODS:
+        raise ValueError(f"an unlearning method named {name!r} is already registered")
+    _METHODS[name] = fn
+
+
+def available_methods() -> list[str]:
+    """Names accepted by ``unlearn(..., method=)``."""
+    return sorted(_METHODS)
+
+
+def unlearn(
+    model: ERMModel,
+    classes: Iterable[int],
+    data: Dataset | DataLoader,
+    *,
+    method: str = "ktp",
+    config: Any = None,
+    accelerator: Any = None,
+    **kwargs: Any,
+) -> ERMModel:
+    """Forget ``classes``: returns a new model; ``model`` (the teacher) is not modified.
+
+    Args:
+        model: an attached model trained with :func:`erm_surgery.train`.
+        classes: class ids to forget (a list, or one int).
+        data: the training data (Dataset or DataLoader of ``(image, label)``); it is split
+            by label here (fast through ``.targets`` / ``TensorDataset`` labels).
+        method: a name from :func:`available_methods` (default ``"ktp"``).
+        config: the method's config dataclass (:class:`KTPConfig` for KTP).
+        accelerator: an ``accelerate.Accelerator`` (default: GPUs if any, else CPU).
+        **kwargs: passed to the method (KTP: ``student=`` a plain model of the same
+            architecture to use as the fresh student's initialisation).
+
+    The returned model is attached, so it can be trained or asked to forget again:
+    ``unlearn(unlearn(m, [1], d), [2], d)`` forgets both. ``student.unlearning_info`` holds an
+    :class:`UnlearningInfo` (channels removed, retain-class entanglement, timing).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown unlearning method {method!r}; available: "
+                         f"{available_methods()}")
+    student, _ = _METHODS[method](model, classes, data, config=config,
+                                  accelerator=accelerator, **kwargs)
+    return student
+
+
+def unlearn_checkpoint(
+    path: str | os.PathLike,
+    classes: Iterable[int],
+    data: Dataset | DataLoader,
+    base_model: nn.Module,
+    **kwargs: Any,
+) -> UnlearningInfo:
+    """Algorithm 3 on a file: load, unlearn, and atomically replace the checkpoint.
+
+    The new checkpoint is written to a temp file and renamed over ``path``, so no copy of
+    the teacher is left behind and a crash leaves the old file whole. Returns the info.
+    """
+    teacher = load(path, base_model)
+    student = unlearn(teacher, classes, data, **kwargs)
+    del teacher
+    info = student.__dict__["unlearning_info"]
+    save(student, Path(path), extra={"unlearning": info.to_dict()})
+    return info

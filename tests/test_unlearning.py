@@ -1,0 +1,153 @@
+"""KTP unlearning on a small real case, sequential requests, checkpoints, bad input."""
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+import erm_surgery as E
+from erm_surgery.data import load_mnist5k
+from erm_surgery.unlearning import KTPConfig, available_methods, ktp, unlearn, unlearn_checkpoint
+
+FAST = KTPConfig(show_progress=False)
+# mechanics-only tests distil one epoch on 600 samples; quality tests use the defaults
+QUICK = KTPConfig(epochs=1, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """An ERM-trained tiny ResNet on 2,000 real MNIST digits (about 10 s)."""
+    torch.manual_seed(0)
+    train_set, test_set = load_mnist5k(n_train=4000)
+    train_set, test_set = Subset(train_set, range(2000)), Subset(test_set, range(600))
+    model = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
+    E.train(model, train_set, epochs=6, batch_size=64, show_progress=False)
+    return model.eval(), train_set, test_set
+
+
+@torch.no_grad()
+def accuracy(model, data, classes):
+    model.eval()
+    right = total = 0
+    for x, y in DataLoader(data, batch_size=500):
+        keep = torch.isin(y, torch.tensor(classes))
+        right += (model(x).argmax(1)[keep] == y[keep]).sum().item()
+        total += keep.sum().item()
+    return right / total
+
+
+def test_ktp_forgets_one_class_and_keeps_the_rest(trained):
+    teacher, train_set, test_set = trained
+    before = copy.deepcopy(teacher.state_dict())
+    retain = [c for c in range(10) if c != 3]
+    student, info = ktp(teacher, [3], train_set, config=FAST)
+    assert accuracy(student, test_set, [3]) == 0.0
+    assert accuracy(student, train_set, [3]) == 0.0
+    assert accuracy(student, test_set, retain) >= accuracy(teacher, test_set, retain) - 0.05
+    assert student.erm.G[3].abs().sum() == 0 and student.erm.forgotten_classes == [3]
+    assert torch.equal(student.erm.G[retain], teacher.erm.G[retain])
+    # the teacher is untouched, and the student is a separate, fresh model
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not {p.data_ptr() for p in student.parameters()} & {
+        p.data_ptr() for p in teacher.parameters()}
+    assert info.not_reinitialised == []
+    assert info.samples == sum(1 for _, y in train_set if y != 3)  # retain data only
+    assert info.prohibited_channels == int((teacher.erm.G[3] > 0).sum())
+    assert student.unlearning_info is info
+
+
+def test_forget_logits_never_win(trained):
+    teacher, train_set, _ = trained
+    student = unlearn(teacher, [2, 7], Subset(train_set, range(600)), config=QUICK)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for scale in (0.1, 1.0, 10.0, 100.0):
+            pred = student(torch.randn(512, 1, 32, 32) * scale).argmax(1)
+            assert not torch.isin(pred, torch.tensor([2, 7])).any()
+    head = student.model.get_classifier()
+    assert head.weight[[2, 7]].abs().sum() == 0
+    keep = teacher.erm.keep_mask([2, 7])
+    assert head.weight[:, ~keep].abs().sum() == 0, "prohibited channels cut from the head"
+
+
+def test_sequential_requests_forget_both(trained):
+    teacher, train_set, test_set = trained
+    once = unlearn(teacher, [1], train_set, config=FAST)
+    twice = unlearn(once, [5], train_set, config=FAST)
+    assert twice.erm.forgotten_classes == [1, 5]
+    assert accuracy(twice, test_set, [1]) == 0.0 and accuracy(twice, test_set, [5]) == 0.0
+    retain = [c for c in range(10) if c not in (1, 5)]
+    assert accuracy(twice, test_set, retain) >= accuracy(teacher, test_set, retain) - 0.08
+    with pytest.raises(E.UnlearningError, match="already forgotten"):
+        unlearn(twice, [1], train_set, config=FAST)
+
+
+def test_unlearn_checkpoint_replaces_the_file(trained, tmp_path):
+    teacher, train_set, test_set = trained
+    path = E.save(teacher, tmp_path / "model.safetensors")
+    base = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    info = unlearn_checkpoint(path, [4], Subset(train_set, range(600)), base, config=QUICK)
+    assert info.forget_classes == [4]
+    meta = E.read_metadata(path)
+    assert meta["forgotten_classes"] == [4]
+    assert meta["extra"]["unlearning"]["forget_classes"] == [4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    reloaded = E.load(path, base)
+    assert accuracy(reloaded, test_set, [4]) == 0.0
+
+
+def test_entanglement_is_reported_with_numbers():
+    model = E.attach(timm.create_model("test_resnet", num_classes=3, in_chans=1))
+    with torch.no_grad():
+        model.erm.G.zero_()
+        model.erm.G[:, :10] = 1.0  # all classes share the same channels
+    data = torch.utils.data.TensorDataset(torch.randn(24, 1, 32, 32), torch.arange(24) % 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, info = ktp(model, [0], data, config=KTPConfig(epochs=1, show_progress=False))
+    text = " ".join(str(w.message) for w in caught)
+    assert "entanglement" in text and "100% of class 1" in text
+    assert info.retain_channels_lost == {1: 1.0, 2: 1.0}
+
+
+def test_dataloader_input_and_distilling_on_all_data(trained):
+    teacher, train_set, test_set = trained
+    loader = DataLoader(Subset(train_set, range(600)), batch_size=100)
+    student, info = ktp(teacher, [0], loader,
+                        config=KTPConfig(distill_on="all", epochs=1, show_progress=False))
+    assert info.samples == 600
+    assert accuracy(student, test_set, [0]) == 0.0
+
+
+class NoLabels(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.zeros(1, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "classes,match",
+    [([], "no classes"), ([1, 1], "duplicate"), ([10], "0..9"), ([-1], "0..9"),
+     (list(range(10)), "every class"), (["a"], "integers")],
+)
+def test_bad_requests(trained, classes, match):
+    teacher, train_set, _ = trained
+    with pytest.raises(E.UnlearningError, match=match):
+        unlearn(teacher, classes, train_set, config=FAST)
+
+
+def test_bad_model_data_and_method(trained):
+    teacher, train_set, _ = trained
+    with pytest.raises(E.UnlearningError, match="never attached"):
+        unlearn(timm.create_model("test_resnet", num_classes=10), [1], train_set)
+    with pytest.raises(E.UnlearningError, match="no labels"):
+        unlearn(teacher, [1], NoLabels(), config=FAST)
+    with pytest.raises(ValueError, match="unknown unlearning method"):
+        unlearn(teacher, [1], train_set, method="magic")
+    assert "ktp" in available_methods()
