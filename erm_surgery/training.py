@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,7 @@ class ERMTrainer:
         checkpoint_every: int = 0,
         show_progress: bool = True,
         num_workers: int = 0,
+        callbacks: Sequence[Any] = (),
     ) -> None:
         if not isinstance(model, ERMModel):
             raise TypeError("train() takes a model returned by erm_surgery.attach(), got "
@@ -144,6 +146,9 @@ class ERMTrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.show_progress = show_progress
+        # objects with optional on_before_step(trainer, x, y) / on_after_step(trainer, x, y)
+        # methods, called around every optimizer step (e.g. an update recorder)
+        self.callbacks = list(callbacks)
         self.accelerator = accelerator or make_accelerator(mixed_precision,
                                                            gradient_accumulation_steps)
         from accelerate.utils import set_seed
@@ -243,6 +248,12 @@ class ERMTrainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def _notify(self, event: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        for callback in self.callbacks:
+            hook = getattr(callback, event, None)
+            if hook is not None:
+                hook(self, x, y)
+
     def _run_epoch(self, epoch: int, progress) -> tuple[float, float]:
         acc, cfg = self.accelerator, self.config
         erm_path = is_erm_epoch(epoch, cfg)
@@ -264,10 +275,12 @@ class ERMTrainer:
                     if distributed:
                         loss = loss + 0.0 * mask.G.sum()
                 acc.backward(loss)
+                self._notify("on_before_step", x, y)
                 self.optimizer.step()
                 self.scheduler.step()
                 if erm_path:
                     self.g_optimizer.step()
+                self._notify("on_after_step", x, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.g_optimizer.zero_grad(set_to_none=True)
                 if erm_path and acc.sync_gradients:
@@ -360,7 +373,8 @@ def train(
             ``mixed_precision`` ("no"), ``gradient_accumulation_steps`` (1), ``seed`` (0),
             ``output_dir`` (history.json and checkpoints, written by the main process
             only), ``checkpoint_every`` (epochs; 0 = never), ``show_progress`` (True),
-            ``num_workers`` (0).
+            ``num_workers`` (0), ``callbacks`` (objects with optional
+            ``on_before_step(trainer, x, y)`` / ``on_after_step(trainer, x, y)``).
     """
     trainer = ERMTrainer(model, train_data, epochs=epochs, val_data=val_data,
                          optimizer=optimizer, scheduler=scheduler, config=config,
