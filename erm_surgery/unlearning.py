@@ -50,7 +50,8 @@ class KTPConfig:
         threshold: a channel is prohibited when a forget class has ``G[c, k] > threshold``
             (0 = the reference code: any use prohibits; the paper defines only 0 and 1).
         epochs: distillation epochs of the student.
-        lr: SGD learning rate of the student (momentum 0.9, nesterov, cosine to 0).
+        lr: learning rate of the student (cosine schedule to 0).
+        optimizer: ``"sgd"`` (momentum 0.9, nesterov) or ``"adam"``.
         weight_decay: of the student's optimiser.
         batch_size: distillation batch size.
         distill_on: ``"retain"`` (the student never sees the forget classes, like a
@@ -74,6 +75,7 @@ class KTPConfig:
     threshold: float = 0.0
     epochs: int = 2
     lr: float = 0.1
+    optimizer: str = "sgd"
     weight_decay: float = 5e-4
     batch_size: int = 32
     distill_on: str = "retain"
@@ -91,6 +93,8 @@ class KTPConfig:
             raise ValueError(f"distill_on must be 'retain' or 'all', got {self.distill_on!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
 
@@ -335,8 +339,11 @@ def ktp(
     for p in frozen:  # unused by the distillation: DDP must not wait for their gradients
         p.requires_grad_(False)
     params = [p for p in s.model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True,
-                          weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True,
+                              weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(_Indexed(distill_set), batch_size=config.batch_size, shuffle=True,
                         generator=g)
