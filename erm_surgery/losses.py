@@ -46,8 +46,8 @@ class ERMConfig:
     """
 
     lambda1: float = 1.0
-    lambda2: float = 1e-3
-    lambda3: float = 5e-4
+    lambda2: float = 3e-4
+    lambda3: float = 1.5e-4
     target_density: float = 0.1
     alpha: float | None = None
     p: float = 1.0

@@ -139,7 +139,7 @@ def test_erm_training_reaches_the_paper_properties_on_real_digits(mnist_small, t
     assert table.mean_prohibited <= 0.10
     assert table.mean_permitted >= table.std_accuracy - 0.03
     saved = json.loads((tmp_path / "history.json").read_text())
-    assert len(saved["history"]) == 6 and saved["config"]["lambda2"] == 1e-3
+    assert len(saved["history"]) == 6 and saved["config"]["lambda2"] == ERMConfig().lambda2
 
 
 class Crashing(Dataset):
