@@ -160,9 +160,13 @@ class ERMTrainer:
         if isinstance(train_data, DataLoader):
             train_loader = train_data
         else:
-            train_loader = DataLoader(as_dataset(train_data), batch_size=batch_size,
-                                      shuffle=True, generator=self._generator,
-                                      num_workers=num_workers)
+            train_set = as_dataset(train_data)
+            # a last batch of a handful of samples gives BatchNorm near-degenerate
+            # statistics (a 1x1 map has one value per channel per sample) and can undo an
+            # epoch of training; with shuffling, dropping it loses nothing systematic
+            train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                                      generator=self._generator, num_workers=num_workers,
+                                      drop_last=len(train_set) > batch_size)
         val_loader = None
         if val_data is not None:
             val_loader = val_data if isinstance(val_data, DataLoader) else DataLoader(

@@ -345,8 +345,9 @@ def ktp(
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True,
                               weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
+    # drop the ragged last batch: a few samples give BatchNorm degenerate statistics
     loader = DataLoader(_Indexed(distill_set), batch_size=config.batch_size, shuffle=True,
-                        generator=g)
+                        generator=g, drop_last=len(distill_set) > config.batch_size)
     total = max(1, len(loader) * config.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
