@@ -22,7 +22,10 @@ registry so ``state_dict()``, ``.to()``, DDP and optimisers see each parameter o
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,6 +61,12 @@ def _leaf_module_types() -> tuple[type, ...]:
         from timm.layers import _fx as timm_fx
 
         types += list(timm_fx.get_notrace_modules())
+        # drop-path and drop-block branch on ``self.training``: traced through, the
+        # train-mode graph gains nodes the eval graph lacks and node names shift; as
+        # leaves they keep their runtime behaviour in both modes
+        from timm.layers import DropBlock2d, DropPath
+
+        types += [DropPath, DropBlock2d]
     except ImportError:  # pragma: no cover - timm is a dependency
         pass
     try:
@@ -95,7 +104,23 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
+        # subclasses of torch's linear/conv layers outside torch.nn (timm.layers.Linear,
+        # Conv2dSame, ...) would be traced into F.linear + get_attr nodes, and the head would
+        # no longer show up as a module with parameters
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _optional_none_args(model: nn.Module) -> dict[str, Any]:
+    """``forward`` arguments after the input that default to None: a classifier is called
+    with the image alone, so they are fixed to None for tracing."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return {}
+    return {p.name: None for p in params[1:]
+            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def trace_model(model: nn.Module, training: bool) -> fx.GraphModule:
@@ -107,8 +132,18 @@ def trace_model(model: nn.Module, training: bool) -> fx.GraphModule:
     was_training = model.training
     model.train(training)
     try:
+        # first with optional None arguments fixed to None (hiera's ``mask=None`` otherwise
+        # traces as a tensor input and takes the masked branch); some models cannot be
+        # traced that way (timm ViTs), so fall back to fx's plain placeholders
+        fixed = _optional_none_args(model)
         tracer = _Tracer()
-        graph = tracer.trace(model)
+        try:
+            graph = tracer.trace(model, concrete_args=fixed or None)
+        except Exception:
+            if not fixed:
+                raise
+            tracer = _Tracer()
+            graph = tracer.trace(model)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as err:  # fx raises many types: TraceError, TypeError, RuntimeError...
         raise SurgeryError(
@@ -197,12 +232,19 @@ def _logits_node(gm: fx.GraphModule) -> fx.Node:
     return out
 
 
+def _param_inputs(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """Targets of the parameters a functional node reads through ``get_attr`` inputs (a
+    traced-through layer: ``linear(x, head_fc_weight, ...)``)."""
+    return [str(a.target) for a in node.all_input_nodes
+            if a.op == "get_attr" and isinstance(_get_attr(gm, a.target), nn.Parameter)]
+
+
 def _has_params(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return any(True for _ in gm.get_submodule(node.target).parameters())
     if node.op == "get_attr":
         return isinstance(_get_attr(gm, node.target), nn.Parameter)
-    return False
+    return node.op in ("call_function", "call_method") and bool(_param_inputs(gm, node))
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -311,7 +353,9 @@ def _analyse(
             "output: the model seems to return features (timm num_classes=0?). Attach a "
             "model with a classification head, or pass head= the classifier module name"
         )
-    head_modules = tuple(str(n.target) for n in head_nodes if n.op == "call_module")
+    head_modules = tuple(str(n.target) if n.op == "call_module"
+                         else _param_inputs(gm, n)[0].rpartition(".")[0] for n in head_nodes)
+    head_modules = tuple(dict.fromkeys(h for h in head_modules if h))
     if head is None:
         head = head_modules[-1] if head_modules else str(head_nodes[-1].target)
     else:
@@ -363,13 +407,19 @@ def _step_back_over_conv_classifier(
 # --------------------------------------------------------------------------- graph edits
 
 
-def _insert_mask(gm: fx.GraphModule, feature_node: str, channel_dim: int) -> None:
+def _insert_mask(gm: fx.GraphModule, feature_node: str, channel_dim: int,
+                 expect: tuple[str, Any] | None = None) -> None:
+    """Insert the mask after ``feature_node``; ``expect`` is the node's (op, target) in the
+    eval graph, checked so a train graph that traces differently cannot mask another node."""
     graph = gm.graph
     feat = next((n for n in graph.nodes if n.name == feature_node), None)
-    if feat is None:
+    if feat is None or (expect is not None and (feat.op, feat.target) != expect):
         raise SurgeryError(
-            f"feature node {feature_node!r} is missing from the train-mode graph; the model "
-            "traces differently in train and eval mode. Pass feature_node= explicitly"
+            f"feature node {feature_node!r} is "
+            f"{'missing from' if feat is None else 'a different operation in'} the train-mode "
+            "graph: the model traces differently in train and eval mode (a branch on "
+            "self.training in a module that is traced through). Register that module as a "
+            "leaf (timm.layers.register_notrace_module) and attach again"
         )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
@@ -389,11 +439,35 @@ def _mask_node(gm: fx.GraphModule) -> fx.Node:
                 if n.op == "call_function" and n.target is apply_channel_mask)
 
 
+def _returned_tensors(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes the graph returns: one, or the members of a returned (named) tuple."""
+    out = _output_node(gm).args[0]
+    if isinstance(out, fx.Node) and out.op == "call_function" and isinstance(
+            out.target, type) and issubclass(out.target, tuple):
+        out = out.args  # a namedtuple built in forward (torchvision GoogLeNetOutputs)
+    if isinstance(out, (tuple, list)):
+        return [a for a in out if isinstance(a, fx.Node)]
+    return [out] if isinstance(out, fx.Node) else []
+
+
 def _check_no_bypass(gm: fx.GraphModule) -> None:
     mask = _mask_node(gm)
-    reach = _ancestors(_output_node(gm), stop=mask)
-    leaks = [n.name for n in reach if n.op == "placeholder" and n.name != _WEIGHTS_INPUT]
-    if leaks:
+
+    def leaks_of(node: fx.Node) -> list[str]:
+        return [n.name for n in _ancestors(node, stop=mask) | {node}
+                if n.op == "placeholder" and n.name != _WEIGHTS_INPUT]
+
+    outputs = _returned_tensors(gm)
+    if len(outputs) > 1 and not leaks_of(outputs[0]):
+        aux = [i for i, node in enumerate(outputs) if leaks_of(node)]
+        if aux:
+            raise SurgeryError(
+                f"in train mode the model returns {len(outputs)} outputs and output(s) {aux} "
+                "(auxiliary classifiers) read earlier maps that bypass the mask. Build the "
+                "model without auxiliary heads (torchvision googlenet / inception_v3: "
+                "aux_logits=False) and attach again"
+            )
+    if any(leaks_of(node) for node in outputs):
         raise SurgeryError(
             "the input reaches the head around the feature map (a skip connection past the "
             "mask), so masking could not remove a class. Pass feature_node= a block output, "
@@ -436,10 +510,14 @@ def _build_graphs(base: nn.Module, info: SurgeryInfo,
                   eval_gm: fx.GraphModule | None = None) -> dict[str, fx.GraphModule | None]:
     """Train- and eval-mode graphs (full, features, head) with the mask inserted."""
     graphs: dict[str, fx.GraphModule | None] = {}
+    expect = None
     for split in ("eval", "train"):
         gm = eval_gm if split == "eval" and eval_gm is not None else trace_model(
             base, training=split == "train")
-        _insert_mask(gm, info.feature_node, info.channel_dim)
+        if split == "eval":
+            feat = next((n for n in gm.graph.nodes if n.name == info.feature_node), None)
+            expect = None if feat is None else (feat.op, feat.target)
+        _insert_mask(gm, info.feature_node, info.channel_dim, expect)
         _check_no_bypass(gm)
         graphs[f"full_{split}"] = gm
         graphs[f"features_{split}"] = _features_graph(gm)
@@ -657,7 +735,8 @@ def attach(
     probe = _probe_input(base, input_size)
     base.eval()
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node itself; our error says it all
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(eval_gm).propagate(probe)
     except Exception as err:
         raise SurgeryError(

@@ -123,7 +123,10 @@ def test_hand_made_nhwc_model():
     assert attached.surgery.channel_dim == 3 and attached.surgery.num_channels == 12
 
 
-@pytest.mark.parametrize("name", ["test_efficientnet", "test_convnext", "test_resnet"])
+@pytest.mark.parametrize("name", [
+    "test_efficientnet", "test_convnext", "test_resnet",
+    "test_mambaout",  # its feature node is an add: traced-through drop-path shifted names
+])
 def test_train_mode_keeps_dropout_droppath_and_batchnorm(name):
     model = timm.create_model(name, num_classes=10, drop_rate=0.3, drop_path_rate=0.3)
     attached = E.attach(model)
@@ -344,3 +347,39 @@ def test_detach_returns_the_plain_model():
         assert torch.equal(plain(x), attached(x))
     with pytest.raises(TypeError):
         E.detach(plain)
+
+
+class TimmLinearHeadNet(nn.Module):
+    """A head built with timm.layers.Linear (an nn.Linear subclass outside torch.nn)."""
+
+    def __init__(self, optional_mask_arg: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = timm.layers.Linear(8, 5)
+
+    def forward(self, x, mask=None):
+        if mask is not None:  # a data-dependent branch fx can only trace with mask fixed
+            x = x * mask
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_timm_linear_head_and_optional_none_argument():
+    attached = E.attach(TimmLinearHeadNet(), input_size=(3, 8, 8))
+    assert attached.surgery.head == "fc" and attached.surgery.num_channels == 8
+    assert attached.get_classifier() is attached.model.fc
+    attached.erm.G.data.zero_()
+    with torch.no_grad():
+        a = attached(torch.randn(2, 3, 8, 8), labels=torch.tensor([0, 4]))
+        b = attached(torch.randn(2, 3, 8, 8), labels=torch.tensor([0, 4]))
+    assert torch.allclose(a, b)
+
+
+def test_auxiliary_classifiers_get_a_clear_error():
+    model = torchvision.models.googlenet(num_classes=10, init_weights=True)
+    with pytest.raises(E.SurgeryError, match="aux_logits=False"):
+        E.attach(model, input_size=(3, 64, 64))
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=True)
+    attached = E.attach(model, input_size=(3, 64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(attached(x), model.eval()(x))
