@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .checkpoint import load, save
+from .checkpoint import load, read_metadata, save
 from .data import as_dataset, get_labels
 from .errors import UnlearningError
 from .surgery import ERMModel, attach, num_classes_of
@@ -482,9 +482,14 @@ def unlearn_checkpoint(
     The new checkpoint is written to a temp file and renamed over ``path``, so no copy of
     the teacher is left behind and a crash leaves the old file whole. Returns the info.
     """
+    extra = dict(read_metadata(path).get("extra") or {})
     teacher = load(path, base_model)
     student = unlearn(teacher, classes, data, **kwargs)
     del teacher
     info = student.__dict__["unlearning_info"]
-    save(student, Path(path), extra={"unlearning": info.to_dict()})
+    # keep what the file already recorded (training history...); the newest request is
+    # ``unlearning``, every request so far is listed in ``unlearning_history``
+    extra["unlearning_history"] = [*extra.get("unlearning_history", []), info.to_dict()]
+    extra["unlearning"] = info.to_dict()
+    save(student, Path(path), extra=extra)
     return info

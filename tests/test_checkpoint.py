@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import timm
@@ -38,6 +39,10 @@ def test_round_trip_is_exact(tmp_path):
                            loaded(x, labels=torch.tensor([1, 2])))
     assert loaded.erm.forgotten_classes == [3]
     assert not list(tmp_path.glob(".*.tmp")), "no temp file left behind"
+    # the temp file's private mode does not leak into the result: like a plain open()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):

@@ -459,7 +459,8 @@ def test_head_only_forgetting_is_caught_by_the_probe(digits_models, tmp_path, mo
     acc = report.accuracy
     assert acc["model"].forget_test == 0.0 and acc["model"].forget_train == 0.0
     assert acc["original"].forget_test > 0.9
-    assert acc["model"].retain_test == acc["original"].retain_test > 0.9
+    # masking forget logits can only turn retain mistakes (predicted as a forget class) right
+    assert acc["model"].retain_test >= acc["original"].retain_test > 0.9
     assert report.accuracy_deltas["model"]["forget_test"] == -acc["original"].forget_test
     # the whole point: the features still know the forgotten classes
     assert report.probe["model"].forget_acc > 0.9

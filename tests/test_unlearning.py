@@ -88,13 +88,18 @@ def test_sequential_requests_forget_both(trained):
 
 def test_unlearn_checkpoint_replaces_the_file(trained, tmp_path):
     teacher, train_set, test_set = trained
-    path = E.save(teacher, tmp_path / "model.safetensors")
+    path = E.save(teacher, tmp_path / "model.safetensors", extra={"trained_by": "ci"})
     base = timm.create_model("test_resnet", num_classes=10, in_chans=1)
     info = unlearn_checkpoint(path, [4], Subset(train_set, range(600)), base, config=QUICK)
     assert info.forget_classes == [4]
     meta = E.read_metadata(path)
     assert meta["forgotten_classes"] == [4]
     assert meta["extra"]["unlearning"]["forget_classes"] == [4]
+    assert meta["extra"]["trained_by"] == "ci", "earlier metadata is kept"
+    unlearn_checkpoint(path, [6], Subset(train_set, range(600)), base, config=QUICK)
+    meta = E.read_metadata(path)
+    assert meta["forgotten_classes"] == [4, 6]
+    assert [h["forget_classes"] for h in meta["extra"]["unlearning_history"]] == [[4], [6]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     reloaded = E.load(path, base)
     assert accuracy(reloaded, test_set, [4]) == 0.0

@@ -1,0 +1,340 @@
+"""EC: Erase at the Core (Lee, Kim and Kim, "Erase at the Core: Representation Unlearning
+for Machine Unlearning").
+
+Methods that only drive the forget logits down ("superficial forgetting") leave the
+intermediate representations almost as they were. EC fine-tunes a copy of the model with
+an objective applied at several depths: auxiliary heads (global pool + linear) are
+attached with torch.fx to intermediate blocks (the stage outputs), and at each of them,
+and at the model's own head,
+
+- a contrastive unlearning loss on the forget samples (InfoNCE on L2-normalised pooled
+  activations: toward the retain samples, away from the same forget class), and
+- cross-entropy on the retain samples (deep supervision),
+
+weighted so that deeper points count more. The auxiliary heads are dropped afterwards:
+the returned model has exactly the original's parameters (names and shapes).
+
+Registered methods:
+
+- ``"ec"``: EC alone, on any traceable classifier (plain or attached). No guarantee of 0%
+  forget accuracy (``info.guarantees_zero_forget_accuracy = False``).
+- ``"ktp_ec"``: KTP, then EC fine-tuning of KTP's student with its head frozen, so KTP's
+  FKT head (forget rows zero, bias -1e4) keeps forget accuracy at 0% while EC reshapes the
+  backbone. The plug-in route for any other method is :class:`ECPlugin`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..surgery import num_classes_of, unwrap
+from ..unlearning import (
+    KTPConfig,
+    available_methods,
+    check_forget_classes,
+    ktp,
+    register_method,
+)
+from .ec_plugin import ECLosses, ECPlugin, contrastive_unlearning_loss
+from .esc_common import resolve_config, split_request, subset
+from .esc_graph import find_head
+
+__all__ = ["ECConfig", "ECInfo", "KTPECConfig", "ECPlugin", "ec", "ktp_ec",
+           "ec_finetune", "contrastive_unlearning_loss"]
+
+
+@dataclass
+class ECConfig:
+    """Hyperparameters of EC.
+
+    Attributes:
+        epochs: passes over the retain data; every step also draws a forget batch
+            (cycling the forget set).
+        lr: SGD learning rate (momentum ``momentum``, nesterov, cosine to 0).
+        momentum: SGD momentum.
+        weight_decay: of the optimiser.
+        batch_size: retain samples per step.
+        forget_batch_size: forget samples per step (concatenated with the retain batch:
+            one forward, shared BatchNorm statistics).
+        temperature: of the contrastive unlearning loss.
+        contrastive_weight: weight of the contrastive term at every point.
+        ce_weight: weight of the retain cross-entropy at every point.
+        layers: supervision points (fx node names or module names such as ``"layer2"``);
+            None = the stage outputs (timm ``feature_info``, else the last activation at
+            each resolution), without the deepest.
+        num_aux_layers: with ``layers=None``, how many intermediate stages (the deepest
+            ones) get an auxiliary head.
+        layer_weights: per point, shallow to deep with the final head last; None =
+            ``i / L`` for point ``i`` of ``L``.
+        deep_supervision: cross-entropy through the auxiliary heads too.
+        train_head: also fine-tune the classifier (``ktp_ec`` freezes it, to keep KTP's
+            prohibited head exactly).
+        seed: data order and auxiliary-head initialisation.
+        show_progress: tqdm bar on the main process.
+    """
+
+    epochs: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    forget_batch_size: int = 32
+    temperature: float = 0.2
+    contrastive_weight: float = 1.0
+    ce_weight: float = 1.0
+    layers: Sequence[str] | None = None
+    num_aux_layers: int = 3
+    layer_weights: Sequence[float] | None = None
+    deep_supervision: bool = True
+    train_head: bool = True
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.forget_batch_size < 2:
+            raise ValueError("batch_size must be >= 1 and forget_batch_size >= 2 (the "
+                             "contrastive loss compares forget samples with each other)")
+        if not self.temperature > 0 or not self.lr > 0:
+            raise ValueError("temperature and lr must be > 0")
+        if self.num_aux_layers < 0:
+            raise ValueError(f"num_aux_layers must be >= 0, got {self.num_aux_layers}")
+        if isinstance(self.layers, str):
+            self.layers = [self.layers]
+
+
+@dataclass
+class KTPECConfig:
+    """``ktp_ec``: KTP's config, then EC's (head frozen by default, see the module doc)."""
+
+    ktp: KTPConfig = field(default_factory=KTPConfig)
+    ec: ECConfig = field(default_factory=lambda: ECConfig(train_head=False))
+
+
+@dataclass
+class ECInfo:
+    """What one EC request did (also set on the model as ``unlearning_info``).
+
+    Attributes:
+        method: ``"ec"`` or ``"ktp_ec"``.
+        forget_classes: the class ids.
+        layers: fx node names of the auxiliary supervision points, shallow to deep.
+        layer_weights: their weights, then the final head's.
+        epochs, steps: fine-tuning length.
+        retain_samples, forget_samples: data used.
+        final_loss, final_ce, final_contrastive: mean over the last epoch's steps.
+        seconds: wall time of the call (for ``ktp_ec``, KTP included).
+        guarantees_zero_forget_accuracy: False for EC; True for ``ktp_ec`` with the head
+            frozen (KTP's forget rows are constant ``-1e4`` logits).
+        notes: caveats.
+        base_info: ``ktp_ec``: KTP's info as a dict.
+    """
+
+    method: str
+    forget_classes: list[int]
+    layers: list[str]
+    layer_weights: list[float]
+    epochs: int
+    steps: int
+    retain_samples: int
+    forget_samples: int
+    final_loss: float
+    final_ce: float
+    final_contrastive: float
+    seconds: float
+    guarantees_zero_forget_accuracy: bool = False
+    notes: list[str] = field(default_factory=list)
+    base_info: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_NO_GUARANTEE = ("EC does not guarantee 0% forget accuracy: it fine-tunes the network with a "
+                 "contrastive unlearning loss and an unchanged set of classes; check forget "
+                 "accuracy with erm_surgery.evaluate(). Logits are not masked.")
+
+
+def _cycle(loader: Iterable[Any]) -> Iterable[Any]:
+    while True:  # a fresh pass each time (itertools.cycle would replay one shuffle)
+        yield from loader
+
+
+def ec_finetune(
+    model: nn.Module,
+    forget: Sequence[int],
+    data: Dataset | DataLoader,
+    config: ECConfig,
+    accelerator: Any = None,
+) -> ECInfo:
+    """EC fine-tuning of ``model`` **in place** (validated ``forget`` ids); returns the info.
+
+    This is the loop ``ec`` and ``ktp_ec`` share; call it on a copy.
+    """
+    from tqdm.auto import tqdm
+
+    from ..training import make_accelerator
+
+    acc = accelerator or make_accelerator()
+    C = num_classes_of(model)
+    dataset, forget_idx, retain_idx = split_request(model, forget, data, C, need_retain=True)
+    model.to(acc.device)
+    torch.manual_seed(config.seed)  # auxiliary-head initialisation
+    example = next(iter(DataLoader(subset(dataset, forget_idx[:1] + retain_idx[:1]),
+                                   batch_size=2)))[0].to(acc.device)
+    plugin = ECPlugin(model, forget, example=example, layers=config.layers,
+                      num_aux_layers=config.num_aux_layers, layer_weights=config.layer_weights,
+                      temperature=config.temperature,
+                      contrastive_weight=config.contrastive_weight,
+                      ce_weight=config.ce_weight, deep_supervision=config.deep_supervision)
+
+    base = unwrap(model)
+    head_params = set() if config.train_head else {
+        id(p) for p in base.get_submodule(find_head(model)).parameters()}
+    frozen = [p for p in base.parameters() if id(p) in head_params and p.requires_grad]
+    for p in frozen:  # unused parameters would stall DDP
+        p.requires_grad_(False)
+    params = [p for p in base.parameters() if p.requires_grad] + plugin.parameters()
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
+                          weight_decay=config.weight_decay)
+    g = torch.Generator().manual_seed(config.seed)
+    retain_loader = DataLoader(subset(dataset, retain_idx), batch_size=config.batch_size,
+                               shuffle=True, generator=g)
+    forget_loader = DataLoader(subset(dataset, forget_idx),
+                               batch_size=min(config.forget_batch_size, len(forget_idx)),
+                               shuffle=True, generator=torch.Generator().manual_seed(
+                                   config.seed + 1))
+    total = max(1, len(retain_loader) * config.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+    mode = base.training
+    net, opt, retain_loader, forget_loader, sched = acc.prepare(
+        plugin.network, opt, retain_loader, forget_loader, sched)
+    net.train()
+    forget_iter = iter(_cycle(forget_loader))
+    progress = tqdm(total=total, desc="EC", unit="batch", dynamic_ncols=True,
+                    disable=not (config.show_progress and acc.is_main_process))
+    last: list[ECLosses] = []
+    steps = 0
+    try:
+        for _ in range(config.epochs):
+            last = []
+            for xr, yr in retain_loader:
+                xf, yf = next(forget_iter)
+                x, y = torch.cat([xr, xf]), torch.cat([yr, yf])
+                is_forget = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+                is_forget[len(yr):] = True
+                outputs = net(x)
+                loss, parts = plugin.loss(outputs, y, is_forget)
+                acc.backward(loss)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                last.append(parts)
+                steps += 1
+                progress.update(1)
+    finally:
+        progress.close()
+        for p in frozen:
+            p.requires_grad_(True)
+        base.train(mode)
+    n = max(1, len(last))
+    return ECInfo(
+        method="ec", forget_classes=list(forget), layers=list(plugin.layers),
+        layer_weights=list(plugin.layer_weights), epochs=config.epochs, steps=steps,
+        retain_samples=len(retain_idx), forget_samples=len(forget_idx),
+        final_loss=sum(p.total for p in last) / n, final_ce=sum(p.ce for p in last) / n,
+        final_contrastive=sum(p.contrastive for p in last) / n, seconds=0.0,
+        notes=[_NO_GUARANTEE])
+
+
+def ec(
+    model: nn.Module,
+    classes: Iterable[int],
+    data: Dataset | DataLoader,
+    *,
+    config: ECConfig | None = None,
+    accelerator: Any = None,
+    **overrides: Any,
+) -> tuple[nn.Module, ECInfo]:
+    """Erase at the Core: multi-layer contrastive unlearning with deep supervision.
+
+    Args:
+        model: a classifier fx can trace (timm / torchvision CNN, or an attached model);
+            never modified: a deep copy is fine-tuned and returned.
+        classes: class ids to forget.
+        data: training data of ``(image, label)`` (retain and forget classes).
+        config: :class:`ECConfig`; keyword overrides (``epochs=3``) apply on top.
+        accelerator: an ``accelerate.Accelerator`` (default :func:`make_accelerator`).
+
+    Returns:
+        ``(new_model, info)``: the same kind of model as ``model`` (attached stays
+        attached, ``G`` unchanged), with exactly its parameter names, in eval mode.
+        ``info.guarantees_zero_forget_accuracy`` is False.
+    """
+    start = time.perf_counter()
+    forget = check_forget_classes(model, classes, require_attached=False)
+    cfg = resolve_config(ECConfig, config, overrides)
+    student = copy.deepcopy(model)
+    info = ec_finetune(student, forget, data, cfg, accelerator)
+    student.eval()
+    info.seconds = time.perf_counter() - start
+    student.__dict__["unlearning_info"] = info
+    return student, info
+
+
+def ktp_ec(
+    model: nn.Module,
+    classes: Iterable[int],
+    data: Dataset | DataLoader,
+    *,
+    config: KTPECConfig | None = None,
+    accelerator: Any = None,
+    student: nn.Module | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, ECInfo]:
+    """KTP (ERM-KTP paper) followed by EC fine-tuning of its student (EC as a plug-in).
+
+    ``model`` must be attached and ERM-trained (KTP's requirement). With the default
+    ``KTPECConfig().ec.train_head = False`` the student's head stays exactly KTP's, so
+    forget accuracy stays 0% (``info.guarantees_zero_forget_accuracy``) while EC moves the
+    intermediate representations away from the teacher's. ``overrides`` go to the EC
+    config; ``student=`` to KTP.
+    """
+    start = time.perf_counter()
+    forget = check_forget_classes(model, classes, require_attached=True)
+    cfg = config if config is not None else KTPECConfig()
+    if not isinstance(cfg, KTPECConfig):
+        raise TypeError(f"config must be a KTPECConfig, got {type(cfg).__name__}")
+    ec_cfg = resolve_config(ECConfig, cfg.ec, overrides)
+    s, kinfo = ktp(model, forget, data, config=cfg.ktp, accelerator=accelerator,
+                   student=student)
+    # the classes are now recorded as forgotten in G: the retain split leaves them out,
+    # and the forget split still finds their samples by label
+    info = ec_finetune(s, forget, data, ec_cfg, accelerator)
+    s.eval()
+    info.method = "ktp_ec"
+    info.base_info = kinfo.to_dict()
+    info.guarantees_zero_forget_accuracy = not ec_cfg.train_head
+    if not ec_cfg.train_head:
+        info.notes = ["the head is KTP's, frozen during EC: the forget classes' logits are "
+                      f"the constant {cfg.ktp.forget_bias:g}, so their accuracy is 0%"]
+    info.seconds = time.perf_counter() - start
+    s.__dict__["unlearning_info"] = info
+    return s, info
+
+
+for _name, _fn in (("ec", ec), ("ktp_ec", ktp_ec)):
+    if _name not in available_methods():  # a module reload must not register twice
+        register_method(_name, _fn)

@@ -1,0 +1,324 @@
+"""The ``erm-surgery`` command line, end to end: real subprocesses on tiny configurations.
+
+Every subprocess pays the imports (torch, timm) once, so the runs are few and small:
+``demo --quick``, one ``train`` shared by the ``unlearn`` -> ``evaluate`` chain and the error
+cases, and one ImageFolder run on a dozen generated PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erm_surgery import read_metadata
+from erm_surgery.cli import main
+from erm_surgery.cli_common import UsageError, format_table, parse_classes
+
+REPORT_KEYS = {"forget_classes", "num_classes", "models", "metrics", "accuracy", "mia", "probe",
+               "cka", "knn", "relearn", "erm", "resources", "notes"}
+TINY = ["--max-samples", "400", "--no-progress"]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m erm_surgery.cli ARGS`` in ``cwd``."""
+    return subprocess.run([sys.executable, "-m", "erm_surgery.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, command: str,
+                   *texts: str) -> None:
+    """Exit ``code``; stderr is one line, ``erm-surgery COMMAND: error: ...`` with ``texts``."""
+    assert result.returncode == code, f"exit {result.returncode}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"erm-surgery {command}: error: "), lines[0]
+    for text in texts:
+        assert text in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ERM checkpoint written by ``erm-surgery train`` (2 epochs on 400 digits)."""
+    work = tmp_path_factory.mktemp("cli")
+    ok(cli("train", "--model", "test_resnet", "--dataset", "mnist5k", "--epochs", "2",
+           "--warmup-epochs", "0", "--batch-size", "64", "--out", "runs/m.safetensors", *TINY,
+           cwd=work))
+    return work / "runs" / "m.safetensors"
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_quick_through_the_console_script(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("erm-surgery")
+    assert script.exists(), "the console script is missing: pip install -e . registers it"
+    result = ok(subprocess.run([str(script), "demo", "--quick", "--out", "demo", "--no-progress"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=300))
+    out = tmp_path / "demo"
+    for name in ("original", "unlearned", "retrained"):
+        assert (out / f"{name}.safetensors").is_file()
+    for name in ("report.json", "report.md", "report.html", "erm_mask.png",
+                 "per_class_accuracy.png"):
+        assert (out / "report" / name).is_file(), name
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["forget_classes"] == [3, 7]
+    assert report["models"] == ["model", "original", "retrained"]
+    assert report["accuracy"]["model"]["forget_test"] == 0.0  # KTP blocks the forget rows
+    assert report["erm"]["forget_rows_zero"] is True
+    assert any(n.startswith("demo wall times") for n in report["notes"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unlearn_over_retrain"] > 0
+    assert read_metadata(out / "unlearned.safetensors")["forgotten_classes"] == [3, 7]
+    for row in ("forget acc (test)", "retain acc (test)", "probe acc, forget classes",
+                "MIA attack acc", "CKA to original", "relearn epochs", "wall time",
+                "unlearn / retrain wall time"):
+        assert row in result.stdout, row
+
+
+# ------------------------------------------------------------ train / unlearn / evaluate
+
+
+def test_train_unlearn_evaluate(trained: Path) -> None:
+    work = trained.parent.parent
+    meta = read_metadata(trained)
+    assert meta["extra"]["model_spec"] == {"model": "test_resnet", "num_classes": 10,
+                                           "in_chans": 1, "image_size": 32}
+    assert meta["extra"]["data"]["dataset"] == "mnist5k"
+    assert len(meta["extra"]["training"]["history"]) == 2
+    assert (work / "runs" / "m-run" / "history.json").is_file()
+
+    result = ok(cli("unlearn", trained, "--classes", "3,7", "--epochs", "1", *TINY, cwd=work))
+    student = work / "runs" / "m-forget-3-7.safetensors"  # the default name
+    assert f"saved {student}" in result.stdout
+    assert "test accuracy: forget classes 0.0%" in result.stdout
+    meta = read_metadata(student)
+    assert meta["forgotten_classes"] == [3, 7]
+    assert meta["extra"]["model_spec"]["model"] == "test_resnet"  # kept: evaluate needs it
+    assert meta["extra"]["unlearning"]["method"] == "ktp"
+    assert read_metadata(trained)["forgotten_classes"] == []  # the original is untouched
+
+    # forget classes default to the recorded ones; no retrained reference: CKA to original
+    # only. (Relearn and k-NN run in the demo test.)
+    result = ok(cli("evaluate", student, "--original", trained, "--metrics", "accuracy", "mia",
+                    "probe", "cka", "erm", "--probe-epochs", "2", "--no-plots", *TINY,
+                    cwd=work))
+    report_dir = work / "runs" / "m-forget-3-7-report"
+    report = json.loads((report_dir / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["forget_classes"] == [3, 7]
+    assert report["models"] == ["model", "original"]
+    assert report["accuracy"]["model"]["forget_test"] == 0.0
+    assert (report_dir / "report.md").is_file() and (report_dir / "report.html").is_file()
+    assert not list(report_dir.glob("*.png"))  # --no-plots
+    assert "Forget acc (test)" in result.stdout
+    assert set(report["metrics"]) == {"accuracy", "mia", "probe", "cka", "erm"}
+    assert "model~original" in report["cka"]
+
+
+@pytest.mark.filterwarnings("ignore:knowledge entanglement")
+def test_image_folder_train_and_unlearn_by_class_name(tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
+    from PIL import Image
+
+    rng = random.Random(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c, name in enumerate(("cat", "dog", "owl")):
+            folder = tmp_path / "pets" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                colour = tuple(min(255, 60 * c + rng.randrange(60)) for _ in range(3))
+                Image.new("RGB", (20, 16), colour).save(folder / f"{i}.png")
+    ok(cli("train", "--model", "test_resnet", "--dataset", "folder", "--data-root", "pets",
+           "--image-size", "32", "--epochs", "1", "--erm-every", "1", "--warmup-epochs", "0",
+           "--batch-size", "4", "--out", "f.safetensors", "--no-progress", cwd=tmp_path))
+    meta = read_metadata(tmp_path / "f.safetensors")
+    assert meta["extra"]["model_spec"] == {"model": "test_resnet", "num_classes": 3,
+                                           "in_chans": 3, "image_size": 32}
+    assert meta["extra"]["data"]["class_names"] == ["cat", "dog", "owl"]
+    # the data root is recorded, so unlearn needs only the checkpoint; classes by name
+    # (in-process: main() returns the exit code the console script exits with)
+    monkeypatch.chdir(tmp_path)
+    code = main(["unlearn", "f.safetensors", "--classes", "owl", "--epochs", "1", "--out",
+                 "g.safetensors", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert "forgetting classes 2 (owl)" in capsys.readouterr().out
+    assert read_metadata(tmp_path / "g.safetensors")["forgotten_classes"] == [2]
+
+
+def test_cifar_layout_trains(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A CIFAR-10 folder in torchvision's layout (tiny fake batches; the MD5 check that real
+    files pass is patched out) trains in-process with the augmenting transform."""
+    import pickle
+
+    import numpy as np
+    import torchvision.datasets.cifar as tv_cifar
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, 4)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    out = tmp_path / "c.safetensors"
+    code = main(["train", "--model", "test_resnet", "--dataset", "cifar10", "--data-root",
+                 str(folder), "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert "cifar10 at" in capsys.readouterr().out
+    extra = read_metadata(out)["extra"]
+    assert extra["model_spec"] == {"model": "test_resnet", "num_classes": 10, "in_chans": 3,
+                                   "image_size": 32}
+    assert extra["data"]["class_names"] == names
+    assert extra["data"]["data_root"] == str(folder.parent)  # the folder above the batches
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_exit_codes_and_one_line_messages(trained: Path, tmp_path: Path) -> None:
+    """Missing dataset root (1), unknown model (2), bad class id (2), missing checkpoint (1):
+    four subprocesses at once (each mostly pays its imports)."""
+    cases = {
+        "missing dataset root": (["train", "--model", "test_resnet", "--dataset", "cifar10",
+                                  "--data-root", tmp_path / "nowhere"],
+                                 1, "train", "does not exist"),
+        "unknown model": (["train", "--model", "resnet18x"],
+                          2, "train", "unknown model 'resnet18x'", "did you mean"),
+        "bad class id": (["unlearn", trained, "--classes", "12"],
+                         2, "unlearn", "class id 12 is out of range: the model has 10 classes"),
+        "missing checkpoint": (["evaluate", "missing.safetensors"],
+                               1, "evaluate", "no checkpoint at missing.safetensors"),
+    }
+    running = {name: subprocess.Popen([sys.executable, "-m", "erm_surgery.cli",
+                                       *map(str, argv)], cwd=tmp_path, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for name, (argv, *_) in cases.items()}
+    for name, proc in running.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        _, code, command, *texts = cases[name]
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        one_line_error(result, code, command, *texts)
+
+
+# the remaining error paths run in-process: main() returns the exit code the console
+# script passes to sys.exit
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_cifar_root_without_the_unpacked_archive(tmp_path: Path, capsys) -> None:
+    code, err = run_main(capsys, "train", "--model", "test_resnet", "--dataset", "cifar10",
+                         "--data-root", tmp_path)
+    assert code == 1 and "cifar-10-batches-py" in err and "never downloads" in err
+
+
+def test_folder_without_val(tmp_path: Path, capsys) -> None:
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    code, err = run_main(capsys, "train", "--model", "test_resnet", "--dataset", "folder",
+                         "--data-root", tmp_path)
+    assert code == 1 and "missing val/" in err
+
+
+def test_dataset_needs_a_root(capsys) -> None:
+    code, err = run_main(capsys, "train", "--model", "test_resnet", "--dataset", "cifar100")
+    assert code == 2 and "--data-root" in err
+
+
+def test_checkpoint_errors(trained: Path, tmp_path: Path, capsys) -> None:
+    code, err = run_main(capsys, "evaluate", trained)  # nothing forgotten, no --classes
+    assert code == 2 and "has forgotten no class" in err
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--lr", "0.1",
+                         "--method", "finetune")
+    assert code == 2 and "KTP setting" in err
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--out", "x",
+                         "--in-place")
+    assert code == 2 and "not both" in err
+    # KTP needs a trained mask: a checkpoint whose training ran no ERM epoch is refused
+    import timm
+
+    from erm_surgery import attach
+    from erm_surgery.cli_models import ModelSpec, save_checkpoint
+
+    plain = tmp_path / "plain.safetensors"
+    save_checkpoint(attach(timm.create_model("test_resnet", num_classes=10, in_chans=1)), plain,
+                    ModelSpec("test_resnet", 10, 1, 32), {"dataset": "mnist5k"},
+                    training={"history": [{"path": "std"}]})
+    code, err = run_main(capsys, "unlearn", plain, "--classes", "3")
+    assert code == 2 and "without an ERM epoch" in err
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    code, err = run_main(capsys, "unlearn", garbage, "--classes", "3")
+    assert code == 1 and "not a readable safetensors file" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_usage_errors_from_argparse(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train"])
+    assert exc.value.code == 2
+    assert "the following arguments are required: --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", "test_resnet", "--epochs", "0"])
+    assert exc.value.code == 2
+
+
+def test_traceback_flag_reraises(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="no checkpoint at"):
+        main(["unlearn", str(tmp_path / "none.safetensors"), "--classes", "1", "--traceback"])
+
+
+def test_help_shows_examples(capsys) -> None:
+    for argv in ([], ["demo"], ["train"], ["unlearn"], ["evaluate"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert "examples:" in text, argv
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "accelerate launch" in text and "--data-root" in text and "tv:resnet18" in text
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_parse_classes() -> None:
+    assert parse_classes(["3,7", "1"], 10) == [1, 3, 7]
+    assert parse_classes(["cat", "2"], 3, ["cat", "dog", "owl"]) == [0, 2]
+    with pytest.raises(UsageError, match="out of range"):
+        parse_classes(["10"], 10)
+    with pytest.raises(UsageError, match="unknown class 'cow'"):
+        parse_classes(["cow"], 3, ["cat", "dog", "owl"])
+    with pytest.raises(UsageError, match="no class"):
+        parse_classes([""], 3)
+
+
+def test_format_table() -> None:
+    text = format_table(["", "a", "bb"], [["row", "1", "22"], ["longer row", "333", "4"]])
+    assert text.splitlines() == [
+        "              a  bb",
+        "----------  ---  --",
+        "row           1  22",
+        "longer row  333   4",
+    ]
