@@ -472,6 +472,10 @@ def _check_no_bypass(gm: fx.GraphModule) -> None:
             "the input reaches the head around the feature map (a skip connection past the "
             "mask), so masking could not remove a class. Pass feature_node= a block output, "
             "or a larger input_size= if the last maps are 1 x 1 at the probe size"
+            + (". The model computes attention, whose (N, heads, L, D) tensors look like 4-D "
+               "maps: ERM needs a CNN (method='esc' works on transformers)"
+               if any(n.target is torch.nn.functional.scaled_dot_product_attention
+                      for n in gm.graph.nodes) else "")
         )
 
 

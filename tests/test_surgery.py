@@ -383,3 +383,10 @@ def test_auxiliary_classifiers_get_a_clear_error():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(attached(x), model.eval()(x))
+
+
+def test_attention_pooling_vit_is_refused_as_a_transformer():
+    # its attention tensors (N, heads, L, D) pass the 4-D filter; the bypass check catches
+    # it and the error says why
+    with pytest.raises(E.SurgeryError, match="ERM needs a CNN"):
+        E.attach(timm.create_model("test_vit3", num_classes=10))
