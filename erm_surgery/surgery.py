@@ -529,6 +529,33 @@ def _build_graphs(base: nn.Module, info: SurgeryInfo,
     return graphs
 
 
+def head_roles(model: ERMModel) -> tuple[list[str], list[str]]:
+    """``(readers, classifiers)``: the head layers that read the masked map, and those whose
+    output is the logits, each without another weighted head layer in between.
+
+    A sequential head (mobilenetv3's ``conv_head`` then ``classifier``) has one of each;
+    parallel heads averaged into the logits (a distilled model's ``head`` and ``head_dist``)
+    are each both. Per-channel layers (a norm of K channels) are looked through. Unlearning
+    cuts the prohibited channels from every reader and the forget rows from every classifier.
+    """
+    gm = model.__dict__["_graphs"]["full_eval"]
+    mask = _mask_node(gm)
+    K = model.surgery.num_channels
+    names = set(model.surgery.head_modules)
+
+    def blocking(name: str) -> bool:
+        w = getattr(model.model.get_submodule(name), "weight", None)
+        return isinstance(w, torch.Tensor) and not (w.dim() == 1 and w.numel() == K)
+
+    layers = {n: str(n.target) for n in gm.graph.nodes
+              if n.op == "call_module" and str(n.target) in names and blocking(str(n.target))}
+    readers = [name for n, name in layers.items()
+               if not (_ancestors(n, stop=mask) & (layers.keys() - {n}))]
+    classifiers = [name for n, name in layers.items()
+                   if not (_descendants(n) & (layers.keys() - {n}))]
+    return list(dict.fromkeys(readers)), list(dict.fromkeys(classifiers))
+
+
 # --------------------------------------------------------------------------- the model
 
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from .checkpoint import load, read_metadata, save
 from .data import as_dataset, get_labels
 from .errors import UnlearningError
-from .surgery import ERMModel, attach, num_classes_of
+from .surgery import ERMModel, attach, head_roles, num_classes_of
 
 __all__ = ["KTPConfig", "UnlearningInfo", "unlearn", "ktp", "unlearn_checkpoint",
            "check_forget_classes", "available_methods", "register_method"]
@@ -205,27 +205,39 @@ def _transfer_head(teacher: ERMModel, student: ERMModel, keep: torch.Tensor,
                                          strict=True):
         s_mod.load_state_dict(t_mod.state_dict())
     K = teacher.surgery.num_channels
+    C = teacher.surgery.num_classes
     drop = ~keep
-    for _, mod in _head_layers(student):
+    readers, classifiers = head_roles(student)
+    if not readers or not classifiers:  # a head fx saw as functional ops: the named head
+        readers = readers or [student.surgery.head]
+        classifiers = classifiers or [student.surgery.head]
+    for name, mod in _head_layers(student):
         w = getattr(mod, "weight", None)
-        if w is None:
+        if not isinstance(w, torch.Tensor):
             continue
         if w.dim() == 1 and w.numel() == K:  # per-channel affine (a norm in the head)
             w[drop] = 0
             if getattr(mod, "bias", None) is not None:
                 mod.bias[drop] = 0
             continue
+        if name not in readers:
+            continue
         in_features = w.shape[1] if w.dim() >= 2 else None
         if in_features == K:  # Linear(K, .) or Conv(K, ., k)
             w[:, drop] = 0
         elif in_features is not None and in_features % K == 0:  # flattened (K, H, W) maps
             w.view(w.shape[0], K, -1)[:, drop] = 0
-        break
-    classifier = student.model.get_submodule(student.surgery.head)
-    idx = torch.as_tensor(list(forget), dtype=torch.long, device=classifier.weight.device)
-    classifier.weight[idx] = 0
-    if getattr(classifier, "bias", None) is not None:
-        classifier.bias[idx] = forget_bias
+    idx = torch.as_tensor(list(forget), dtype=torch.long)
+    for name in classifiers:  # every layer that writes logits: parallel heads included
+        classifier = student.model.get_submodule(name)
+        if classifier.weight.shape[0] != C:
+            raise UnlearningError(
+                f"head layer {name!r} writes the logits but has {classifier.weight.shape[0]} "
+                f"outputs, not {C}; FKT cannot block the forget classes there")
+        i = idx.to(classifier.weight.device)
+        classifier.weight[i] = 0
+        if getattr(classifier, "bias", None) is not None:
+            classifier.bias[i] = forget_bias
 
 
 def _entanglement(G: torch.Tensor, forget: Sequence[int], keep: torch.Tensor,

@@ -156,3 +156,42 @@ def test_bad_model_data_and_method(trained):
     with pytest.raises(ValueError, match="unknown unlearning method"):
         unlearn(teacher, [1], train_set, method="magic")
     assert "ktp" in available_methods()
+
+
+class TwoHeadNet(torch.nn.Module):
+    """Parallel classifiers averaged into the logits, like a distilled model's head and
+    head_dist: FKT must block the forget classes in both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+        self.head_dist = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        pooled = torch.relu(self.conv(x)).mean((2, 3))
+        return (self.head(pooled) + self.head_dist(pooled)) / 2
+
+
+def test_parallel_heads_are_both_blocked(trained):
+    _, train_set, _ = trained
+    model = E.attach(TwoHeadNet(), input_size=(1, 32, 32))
+    from erm_surgery.surgery import head_roles
+
+    assert head_roles(model) == (["head", "head_dist"], ["head", "head_dist"])
+    student = unlearn(model, [2], Subset(train_set, range(300)), config=QUICK)
+    for name in ("head", "head_dist"):
+        layer = student.model.get_submodule(name)
+        assert layer.weight[2].abs().sum() == 0 and layer.bias[2] < -1e3
+    with torch.no_grad():
+        pred = student(torch.randn(256, 1, 32, 32) * 10).argmax(1)
+    assert not (pred == 2).any()
+
+
+def test_head_roles_of_a_sequential_head():
+    from erm_surgery.surgery import head_roles
+
+    model = E.attach(timm.create_model("mobilenetv3_small_050", num_classes=10),
+                     input_size=(3, 64, 64))
+    readers, classifiers = head_roles(model)
+    assert readers == ["conv_head"] and classifiers == ["classifier"]
