@@ -69,6 +69,8 @@ class KTPConfig:
         entanglement_warning: warn when a retain class loses more than this fraction of the
             channels it uses (knowledge entanglement).
         seed: seeds the student's re-initialisation and the data order.
+        num_workers: DataLoader worker processes for reading and augmenting images (0 =
+            in the main process; raise it for image folders with decoding and transforms).
         show_progress: tqdm bar on the main process.
     """
 
@@ -86,9 +88,12 @@ class KTPConfig:
     forget_bias: float = -1e4
     entanglement_warning: float = 0.3
     seed: int = 0
+    num_workers: int = 0
     show_progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.distill_on not in ("retain", "all"):
             raise ValueError(f"distill_on must be 'retain' or 'all', got {self.distill_on!r}")
         if self.epochs < 1:
@@ -359,7 +364,8 @@ def ktp(
     g = torch.Generator().manual_seed(config.seed)
     # drop the ragged last batch: a few samples give BatchNorm degenerate statistics
     loader = DataLoader(_Indexed(distill_set), batch_size=config.batch_size, shuffle=True,
-                        generator=g, drop_last=len(distill_set) > config.batch_size)
+                        generator=g, drop_last=len(distill_set) > config.batch_size,
+                        num_workers=config.num_workers)
     total = max(1, len(loader) * config.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
@@ -375,7 +381,8 @@ def ktp(
         if cache:  # one teacher pass, in dataset order
             progress.set_description("KTP teacher pass")
             parts = []
-            for x, _ in DataLoader(distill_set, batch_size=2 * config.batch_size):
+            for x, _ in DataLoader(distill_set, batch_size=2 * config.batch_size,
+                                   num_workers=config.num_workers):
                 parts.append(teacher.forward_features(x.to(device)) * keep_map)
                 progress.update(1)
             targets = torch.cat(parts)

@@ -195,3 +195,10 @@ def test_head_roles_of_a_sequential_head():
                      input_size=(3, 64, 64))
     readers, classifiers = head_roles(model)
     assert readers == ["conv_head"] and classifiers == ["classifier"]
+
+
+def test_ktp_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="num_workers"):
+        KTPConfig(num_workers=-1)
+    with pytest.raises(ValueError, match="distill_on"):
+        KTPConfig(distill_on="forget")
