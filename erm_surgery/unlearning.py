@@ -185,7 +185,7 @@ def _fresh_student(teacher: ERMModel, student: nn.Module | None,
         s.to(teacher.erm.G.device)
         return s, []
     s = copy.deepcopy(teacher)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # ktp() runs under a forked RNG: the caller's state is kept
     for module in s.model.modules():
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):
@@ -298,13 +298,29 @@ def ktp(
     accelerator: Any = None,
     student: nn.Module | None = None,
 ) -> tuple[ERMModel, UnlearningInfo]:
-    """Knowledge Transfer and Prohibition; returns ``(student, info)``. See :func:`unlearn`."""
+    """Knowledge Transfer and Prohibition; returns ``(student, info)``. See :func:`unlearn`.
+
+    Runs under its own random state seeded with ``config.seed`` (the student's
+    initialisation, data order, dropout), so the result does not depend on, and does not
+    advance, the caller's global torch RNG.
+    """
+    config = config or KTPConfig()
+    if not isinstance(config, KTPConfig):
+        raise TypeError(f"ktp() takes config=KTPConfig(...), got {type(config).__name__}")
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        return _ktp(model, classes, data, config, accelerator, student)
+
+
+def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
+         config: KTPConfig, accelerator: Any, student: nn.Module | None,
+         ) -> tuple[ERMModel, UnlearningInfo]:
     from tqdm.auto import tqdm
 
     from .training import make_accelerator
 
     forget = check_forget_classes(model, classes)
-    config = config or KTPConfig()
     start = time.perf_counter()
     acc = accelerator or make_accelerator()
     teacher = model
@@ -336,13 +352,14 @@ def ktp(
             f"knowledge entanglement: prohibiting the channels of classes {forget} also "
             f"removes {', '.join(f'{f:.0%} of class {r}' for r, f in entangled.items())}'s "
             "channels; their accuracy may drop. Train longer with ERM or raise threshold=.",
-            stacklevel=3)
+            stacklevel=4)  # the caller of unlearn()
 
     s, same = _fresh_student(teacher, student, config.seed)
     s.train()
     teacher_mode = teacher.training
+    teacher_device = teacher.erm.G.device
     teacher.eval()
-    teacher.to(device)
+    teacher.to(device)  # moved back below: the caller's model is not changed
     keep_f = keep.to(device=device, dtype=torch.float32)
     cd = teacher.surgery.channel_dim
     shape = [1, 1, 1, 1]
@@ -415,6 +432,7 @@ def ktp(
             progress.update(1)
     progress.close()
     teacher.train(teacher_mode)
+    teacher.to(teacher_device)
 
     s = acc.unwrap_model(wrapped)
     for p in frozen:
@@ -455,7 +473,7 @@ def available_methods() -> list[str]:
 
 
 def unlearn(
-    model: ERMModel,
+    model: nn.Module,
     classes: Iterable[int],
     data: Dataset | DataLoader,
     *,
@@ -463,7 +481,7 @@ def unlearn(
     config: Any = None,
     accelerator: Any = None,
     **kwargs: Any,
-) -> ERMModel:
+) -> nn.Module:
     """Forget ``classes``: returns a new model; ``model`` (the teacher) is not modified.
 
     Args:
@@ -495,15 +513,24 @@ def unlearn_checkpoint(
     data: Dataset | DataLoader,
     base_model: nn.Module,
     **kwargs: Any,
-) -> UnlearningInfo:
+) -> Any:
     """Algorithm 3 on a file: load, unlearn, and atomically replace the checkpoint.
 
     The new checkpoint is written to a temp file and renamed over ``path``, so no copy of
-    the teacher is left behind and a crash leaves the old file whole. Returns the info.
+    the teacher is left behind and a crash leaves the old file whole. Returns the method's
+    info (an :class:`UnlearningInfo` for KTP). Methods whose result ``erm_surgery.load``
+    cannot rebuild (ESC inserts projection modules) are refused before the file is touched.
     """
     extra = dict(read_metadata(path).get("extra") or {})
     teacher = load(path, base_model)
     student = unlearn(teacher, classes, data, **kwargs)
+    added = [] if not isinstance(student, ERMModel) else sorted(
+        set(student.model.state_dict()) - set(teacher.model.state_dict()))
+    if not isinstance(student, ERMModel) or added:
+        raise UnlearningError(
+            f"method {kwargs.get('method', 'ktp')!r} returns a model that erm_surgery.load() "
+            f"cannot rebuild from the base model (new tensors {added[:3]}); {path} was left "
+            "as it was. Unlearn in memory and save the result with torch.save, or use ktp")
     del teacher
     info = student.__dict__["unlearning_info"]
     # keep what the file already recorded (training history...); the newest request is

@@ -202,3 +202,22 @@ def test_ktp_config_rejects_bad_values():
         KTPConfig(num_workers=-1)
     with pytest.raises(ValueError, match="distill_on"):
         KTPConfig(distill_on="forget")
+
+
+def test_unlearn_checkpoint_refuses_a_method_load_cannot_rebuild(trained, tmp_path):
+    teacher, train_set, _ = trained
+    path = E.save(teacher, tmp_path / "model.safetensors")
+    before = path.read_bytes()
+    base = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    with pytest.raises(E.UnlearningError, match="cannot rebuild"):
+        unlearn_checkpoint(path, [4], Subset(train_set, range(300)), base, method="esc")
+    assert path.read_bytes() == before
+
+
+def test_ktp_leaves_the_global_rng_and_rejects_a_foreign_config(trained):
+    teacher, train_set, _ = trained
+    state = torch.get_rng_state()
+    ktp(teacher, [4], Subset(train_set, range(300)), config=QUICK)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(TypeError, match="KTPConfig"):
+        ktp(teacher, [4], train_set, config=E.ERMConfig())
