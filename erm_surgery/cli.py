@@ -327,8 +327,11 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                          "fewer epochs than the warm-up): its mask G is untrained, so KTP "
                          "would prohibit every channel. Train it with ERM epochs, or pick "
                          "another --method")
+    dataset, root = _data_for_checkpoint(args, meta)
     try:
-        config = (KTPConfig(seed=args.seed, show_progress=not args.no_progress, **ktp_flags)
+        config = (KTPConfig(seed=args.seed, show_progress=not args.no_progress,
+                            num_workers=_resolve_workers(args.workers, dataset),
+                            **ktp_flags)
                   if args.method == "ktp" else None)
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -336,7 +339,6 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     out = src if args.in_place else Path(
         args.out or src.with_name(f"{src.stem}-forget-{'-'.join(map(str, classes))}"
                                   f"{src.suffix}"))
-    dataset, root = _data_for_checkpoint(args, meta)
 
     data = _load_matching_data(dataset, root, spec, args.max_samples)
     model, meta, spec = load_checkpoint(src)
@@ -632,10 +634,13 @@ def _add_unlearn(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint written by erm-surgery train")
     p.add_argument("--classes", nargs="+", required=True, metavar="ID",
                    help="class ids (or names, e.g. cat) to forget")
-    methods = available_methods()
+    # amnesiac needs updates recorded during training, sisa a shard ensemble from
+    # train_sisa: neither exists in a checkpoint, so they are Python-API only
+    methods = [m for m in available_methods() if m not in ("amnesiac", "sisa")]
     p.add_argument("--method", choices=methods, default="ktp", metavar="NAME",
                    help=f"unlearning method, one of {', '.join(methods)} "
-                   "(docs/unlearning.md)")
+                   "(docs/methods.md, docs/baselines.md; amnesiac and sisa need state from "
+                   "training and are Python-API only)")
     p.add_argument("--epochs", type=_positive_int, metavar="N",
                    help=f"KTP distillation epochs (default: {ktp.epochs})")
     p.add_argument("--batch-size", type=_positive_int, metavar="N",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -148,11 +149,48 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any], Model
 
     meta, spec = read_checkpoint(path)
     try:
-        model = load(path, build_model(spec))
+        if _has_esc_projections(path):
+            model = _load_projected(path, build_model(spec), meta)
+        else:
+            model = load(path, build_model(spec))
     except CheckpointError as err:
         raise CLIError(str(err)) from err
     model.eval()
     return model, meta, spec
+
+
+_ESC_KEY = re.compile(r"^model\.esc(_t)?_projection(_\d+)?\.basis$")
+
+
+def _has_esc_projections(path: str | os.PathLike) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(_ESC_KEY.match(k) for k in f.keys())
+
+
+def _load_projected(path: str | os.PathLike, base: Any, meta: dict[str, Any]) -> Any:
+    """An ESC / ESC-T checkpoint: ``erm_surgery.load`` knows only the architecture's own
+    tensors, so the projections are re-inserted from their saved bases first
+    (``methods.esc.restore_projections``), then the mask is attached where it was."""
+    from safetensors.torch import load_file
+
+    from .errors import CheckpointError
+    from .methods.esc import restore_projections
+    from .surgery import attach
+
+    tensors = load_file(str(path), device="cpu")
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    info = meta["surgery"]
+    try:
+        projected = restore_projections(base, state)
+        model = attach(projected, feature_node=info["feature_node"], head=info["head"])
+        model.erm.load_state_dict({k[len("erm."):]: v for k, v in tensors.items()
+                                   if k.startswith("erm.")})
+    except Exception as err:  # a mismatch anywhere: one clear message, nothing half-loaded
+        raise CheckpointError(f"{path} holds ESC projections that do not fit the base "
+                              f"model: {type(err).__name__}: {err}") from err
+    return model
 
 
 def save_checkpoint(model: Any, path: str | os.PathLike, spec: ModelSpec,

@@ -322,3 +322,23 @@ def test_format_table() -> None:
         "row           1  22",
         "longer row  333   4",
     ]
+
+
+def test_esc_checkpoint_reads_back_and_training_state_methods_are_refused(trained: Path) -> None:
+    import torch
+
+    from erm_surgery.cli_models import load_checkpoint
+
+    work = trained.parent.parent
+    out = work / "runs" / "m-esc.safetensors"
+    ok(cli("unlearn", trained, "--classes", "2", "--method", "esc", "--out", out, *TINY,
+           cwd=work))
+    model, meta, _ = load_checkpoint(out)  # evaluate and a second unlearn read it this way
+    assert any(k.startswith("model.esc_projection") for k in model.state_dict())
+    original, _, _ = load_checkpoint(trained)
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), original(x)), "the projection is in the graph"
+    assert torch.equal(model.erm.G, original.erm.G)
+    result = cli("unlearn", trained, "--classes", "2", "--method", "amnesiac", cwd=work)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
