@@ -1,7 +1,7 @@
 """Evaluation suite: evidence that a class was forgotten, measured one way for every method.
 
 ``evaluate(model, forget_classes, train_data, test_data, original=..., retrained=...)``
-runs the protocol of METHODS.md section 5 (accuracy, loss-based MIA, linear-probe
+runs the project's evaluation protocol (accuracy, loss-based MIA, linear-probe
 knowledge retention, layer-wise CKA, k-NN agreement, relearn time, ERM diagnostics) and
 returns an :class:`UnlearningReport` that saves as JSON, Markdown, PNG plots and HTML.
 Each metric is also usable on its own, on plain tensors.

@@ -48,7 +48,7 @@ def evaluate(
     config: EvalConfig | None = None,
     device: torch.device | str | None = None,
 ) -> UnlearningReport:
-    """Judge how well ``model`` forgot ``forget_classes`` (METHODS.md section 5 protocol).
+    """Judge how well ``model`` forgot ``forget_classes`` (the project's evaluation protocol).
 
     Args:
         model: the unlearned classifier (plain or an attached ERM model); never modified.
