@@ -173,6 +173,7 @@ class TwoHeadNet(torch.nn.Module):
         return (self.head(pooled) + self.head_dist(pooled)) / 2
 
 
+@pytest.mark.filterwarnings("ignore:knowledge entanglement")  # untrained G: every channel shared
 def test_parallel_heads_are_both_blocked(trained):
     _, train_set, _ = trained
     model = E.attach(TwoHeadNet(), input_size=(1, 32, 32))
