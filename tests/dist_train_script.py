@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import erm_surgery as E
 from erm_surgery.losses import ERMConfig
 from erm_surgery.training import ERMTrainer, make_accelerator, std_accuracy
+from erm_surgery.unlearning import KTPConfig, ktp
 
 
 def main(out: Path) -> None:
@@ -51,6 +52,17 @@ def main(out: Path) -> None:
         "val_accuracy": result.history[-1].val_accuracy,
         "reference_val_accuracy": reference,
     }
+    # KTP on the same two processes: one distillation epoch, student synchronised
+    student, info = ktp(result.model, [1], train_set, accelerator=acc,
+                        config=KTPConfig(epochs=1, batch_size=16, show_progress=False))
+    s_flat = torch.cat([p.detach().flatten() for p in student.model.parameters()])
+    gathered_s = acc.gather(s_flat.unsqueeze(0))
+    record["ktp_equal_across_ranks"] = bool(torch.equal(gathered_s[0], gathered_s[1]))
+    record["ktp_forgotten"] = student.erm.forgotten_classes
+    record["ktp_samples"] = info.samples
+    record["retain_count"] = int((train_set.tensors[1] != 1).sum())
+    with torch.no_grad():
+        record["ktp_predicts_forgotten"] = bool((student(x).argmax(1) == 1).any())
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
     acc.end_training()

@@ -196,3 +196,8 @@ def test_two_cpu_processes_with_torchrun(tmp_path):
     assert abs(ranks[0]["val_accuracy"] - ranks[0]["reference_val_accuracy"]) < 1e-9
     assert (tmp_path / "out" / "history.json").exists()
     assert (tmp_path / "out" / "checkpoint" / "model.safetensors").exists()
+    # KTP under the same two processes: the students agree, class 1 is gone on both
+    for rank in ranks:
+        assert rank["ktp_equal_across_ranks"] and rank["ktp_forgotten"] == [1]
+        assert not rank["ktp_predicts_forgotten"]
+        assert rank["ktp_samples"] == rank["retain_count"]
