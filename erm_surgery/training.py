@@ -83,8 +83,18 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     """
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
-                       gradient_accumulation_steps=gradient_accumulation_steps)
+    try:
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                           gradient_accumulation_steps=gradient_accumulation_steps)
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        # Accelerate keeps one state per process: the first train()/unlearn() call fixed it
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} cannot be used: this process already "
+            "created an Accelerator with another setting, and Accelerate allows one per "
+            "process. Create one Accelerator yourself and pass it as accelerator= to every "
+            "call, or run the call in a new process") from err
 
 
 @torch.no_grad()
@@ -129,6 +139,7 @@ class ERMTrainer:
         show_progress: bool = True,
         num_workers: int = 0,
         callbacks: Sequence[Any] = (),
+        channels_last: bool = False,
     ) -> None:
         if not isinstance(model, ERMModel):
             raise TypeError("train() takes a model returned by erm_surgery.attach(), got "
@@ -146,6 +157,10 @@ class ERMTrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.show_progress = show_progress
+        # NHWC weights and inputs: faster convolutions on GPUs with tensor cores (AMP)
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         # objects with optional on_before_step(trainer, x, y) / on_after_step(trainer, x, y)
         # methods, called around every optimizer step (e.g. an update recorder)
         self.callbacks = list(callbacks)
@@ -269,6 +284,8 @@ class ERMTrainer:
         self._generator.manual_seed(self.seed * 100_003 + epoch)
         sums = torch.zeros(3, device=acc.device)  # loss * n, correct, n (no per-step sync)
         for x, y in self.train_loader:
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with acc.accumulate(model):
                 if erm_path:
                     loss, terms = erm_loss(model, x, y, cfg, return_terms=True)
@@ -378,7 +395,8 @@ def train(
             ``output_dir`` (history.json and checkpoints, written by the main process
             only), ``checkpoint_every`` (epochs; 0 = never), ``show_progress`` (True),
             ``num_workers`` (0), ``callbacks`` (objects with optional
-            ``on_before_step(trainer, x, y)`` / ``on_after_step(trainer, x, y)``).
+            ``on_before_step(trainer, x, y)`` / ``on_after_step(trainer, x, y)``),
+            ``channels_last`` (False: NHWC weights and inputs, for GPUs with AMP).
     """
     trainer = ERMTrainer(model, train_data, epochs=epochs, val_data=val_data,
                          optimizer=optimizer, scheduler=scheduler, config=config,

@@ -201,3 +201,51 @@ def test_two_cpu_processes_with_torchrun(tmp_path):
         assert rank["ktp_equal_across_ranks"] and rank["ktp_forgotten"] == [1]
         assert not rank["ktp_predicts_forgotten"]
         assert rank["ktp_samples"] == rank["retain_count"]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one mixed-precision setting per process; reset it around a test
+    that needs another one (accelerate's own tests do the same)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_second_mixed_precision_setting_is_a_clear_error(fresh_accelerate_state):
+    from erm_surgery.training import make_accelerator
+
+    make_accelerator()
+    with pytest.raises(ValueError, match="pass it as accelerator="):
+        make_accelerator("bf16")
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(mnist_small, fresh_accelerate_state):
+    """Mixed precision (Accelerate's CPU bf16 autocast) and NHWC run through training and
+    KTP; the numbers stay close to the fp32 NCHW run."""
+    from accelerate.state import AcceleratorState
+
+    from erm_surgery.training import make_accelerator
+    from erm_surgery.unlearning import KTPConfig, ktp
+
+    train_set, test_set = mnist_small
+    train_set = Subset(train_set, range(512))
+    base = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    config = ERMConfig(warmup_epochs=0, erm_every=1)  # every epoch takes the ERM path
+    ref = train(E.attach(base), train_set, epochs=1, batch_size=64, config=config,
+                show_progress=False)
+    model = E.attach(base)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    bf16 = make_accelerator("bf16")
+    fast = train(model, train_set, epochs=1, batch_size=64, config=config,
+                 show_progress=False, accelerator=bf16, channels_last=True)
+    assert model.model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert abs(fast.history[0].loss - ref.history[0].loss) < 0.05
+    assert (model.erm.G - ref.model.erm.G).abs().mean() < 0.03  # chaotic, but close
+    student, _ = ktp(model, [3], train_set, accelerator=bf16,
+                     config=KTPConfig(epochs=1, channels_last=True, show_progress=False))
+    with torch.no_grad():
+        pred = student(torch.stack([test_set[i][0] for i in range(200)])).argmax(1)
+    assert not (pred == 3).any()
