@@ -194,7 +194,8 @@ def _is_token_sequence(shape: tuple[int, ...] | None) -> bool:
     return shape is not None and len(shape) == 3 and shape[1] > 1
 
 
-def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
+def ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
+    """Every node ``node`` depends on; the search does not continue past ``stop``."""
     seen: set[fx.Node] = set()
     todo = [node]
     while todo:
@@ -207,7 +208,8 @@ def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
     return seen
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node that depends on ``node``."""
     seen: set[fx.Node] = set()
     todo = [node]
     while todo:
@@ -280,9 +282,9 @@ def _probe_input(model: nn.Module, input_size: Sequence[int] | None) -> torch.Te
 def feature_candidates(gm: fx.GraphModule) -> list[str]:
     """Names of the 4-D spatial activations the logits depend on (after shape propagation)."""
     logits = _logits_node(gm)
-    ancestors = _ancestors(logits)
+    upstream = ancestors(logits)
     return [n.name for n in gm.graph.nodes
-            if n in ancestors and n.op != "placeholder" and _is_spatial_map(_shape(n), 2)]
+            if n in upstream and n.op != "placeholder" and _is_spatial_map(_shape(n), 2)]
 
 
 def _analyse(
@@ -328,7 +330,7 @@ def _analyse(
                 "ESC works on those; ERM needs a CNN)"
             )
         feat = by_name[candidates[-1]]
-        segment = _descendants(feat) & (_ancestors(logits) | {logits})
+        segment = descendants(feat) & (ancestors(logits) | {logits})
         # after the feature map, only spatially pooled tensors may flow into the head;
         # a ViT's patch embedding is followed by token sequences and is rejected here
         bad = [n.name for n in segment if _is_token_sequence(_shape(n))]
@@ -345,7 +347,7 @@ def _analyse(
 
     fshape = _shape(feat)
     assert fshape is not None
-    segment = _descendants(feat) & (_ancestors(logits) | {logits})
+    segment = descendants(feat) & (ancestors(logits) | {logits})
     head_nodes = [n for n in nodes if n in segment and _has_params(gm, n)]
     if not head_nodes and head is None:
         raise SurgeryError(
@@ -454,7 +456,7 @@ def _check_no_bypass(gm: fx.GraphModule) -> None:
     mask = _mask_node(gm)
 
     def leaks_of(node: fx.Node) -> list[str]:
-        return [n.name for n in _ancestors(node, stop=mask) | {node}
+        return [n.name for n in ancestors(node, stop=mask) | {node}
                 if n.op == "placeholder" and n.name != _WEIGHTS_INPUT]
 
     outputs = _returned_tensors(gm)
@@ -496,8 +498,8 @@ def _head_graph(gm: fx.GraphModule) -> fx.GraphModule | None:
     tensors computed before the feature node."""
     mask = _mask_node(gm)
     out = _output_node(gm)
-    needed = _ancestors(out, stop=mask)
-    after = _descendants(mask)
+    needed = ancestors(out, stop=mask)
+    after = descendants(mask)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {mask: graph.placeholder("features")}
     for node in gm.graph.nodes:
@@ -550,9 +552,9 @@ def head_roles(model: ERMModel) -> tuple[list[str], list[str]]:
     layers = {n: str(n.target) for n in gm.graph.nodes
               if n.op == "call_module" and str(n.target) in names and blocking(str(n.target))}
     readers = [name for n, name in layers.items()
-               if not (_ancestors(n, stop=mask) & (layers.keys() - {n}))]
+               if not (ancestors(n, stop=mask) & (layers.keys() - {n}))]
     classifiers = [name for n, name in layers.items()
-                   if not (_descendants(n) & (layers.keys() - {n}))]
+                   if not (descendants(n) & (layers.keys() - {n}))]
     return list(dict.fromkeys(readers)), list(dict.fromkeys(classifiers))
 
 

@@ -19,8 +19,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnlearningError
-from ..surgery import num_classes_of, trace_model, unwrap
-from .esc_graph import ancestors, find_head, head_node, node_module_paths
+from ..surgery import ancestors, num_classes_of, trace_model, unwrap
+from .esc_graph import find_head, head_node, node_module_paths
 
 __all__ = ["ECPlugin", "ECLosses", "contrastive_unlearning_loss", "supervision_points"]
 

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import UnlearningError
-from ..surgery import ERMModel, num_classes_of, trace_model, unwrap
+from ..surgery import ERMModel, descendants, num_classes_of, trace_model, unwrap
 
 __all__ = [
     "SubspaceProjection",
@@ -264,7 +264,7 @@ def tail_graph(gm: fx.GraphModule, head: str) -> fx.GraphModule | None:
     start = head_node(gm.graph, head).args[0]
     assert isinstance(start, fx.Node)
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    after = _descendants(start)
+    after = descendants(start)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {start: graph.placeholder("features")}
     for node in gm.graph.nodes:
@@ -285,29 +285,6 @@ def tail_graph(gm: fx.GraphModule, head: str) -> fx.GraphModule | None:
 
 def _constants(gm: fx.GraphModule) -> set[fx.Node]:
     return {n for n in gm.graph.nodes if n.op == "get_attr"}
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return seen
-
-
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    """Every node ``node`` depends on."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        for parent in todo.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                todo.append(parent)
-    return seen
 
 
 def node_module_paths(node: fx.Node) -> list[str]:
