@@ -74,6 +74,9 @@ REJECT_MARKERS = {
     "no convolutional feature map": "rejected: no conv feature map",
     "no conv feature map": "rejected: no conv feature map",
     "expected logits (N, C)": "rejected: not a classifier (output is not (N, C) logits)",
+    # attention-pooling ViTs: (N, heads, L, D) attention tensors pass the 4-D filter, the
+    # bypass check then refuses them and says why
+    "ERM needs a CNN": "rejected: transformer (attention tensors, no conv feature map)",
 }
 
 
