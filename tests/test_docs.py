@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -26,8 +27,11 @@ def test_hand_written_accelerate_loop_in_training_docs_trains_g():
     assert not torch.all(G == 0.5), "ERM epochs moved G"
 
 
+# two epochs hold no ERM epoch, so G is untrained and KTP prohibits every channel: this
+# test checks that the printed code runs, the quality is measured in test_unlearning.py
+@pytest.mark.filterwarnings("ignore:knowledge entanglement")
 def test_readme_quickstart_runs(tmp_path, monkeypatch):
-    """The README's quickstart, as printed, on fewer digits and epochs (about 30 s)."""
+    """The README's quickstart, as printed, on fewer digits and epochs (about 20 s)."""
     from torch.utils.data import Subset
 
     from erm_surgery import data as data_module

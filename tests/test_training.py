@@ -222,6 +222,7 @@ def test_a_second_mixed_precision_setting_is_a_clear_error(fresh_accelerate_stat
         make_accelerator("bf16")
 
 
+@pytest.mark.filterwarnings("ignore:knowledge entanglement")  # one short epoch: G still dense
 def test_bf16_autocast_and_channels_last_on_cpu(mnist_small, fresh_accelerate_state):
     """Mixed precision (Accelerate's CPU bf16 autocast) and NHWC run through training and
     KTP; the numbers stay close to the fp32 NCHW run."""
