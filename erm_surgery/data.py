@@ -21,6 +21,7 @@ __all__ = [
     "split_by_class",
     "as_dataset",
     "make_loader",
+    "shuffled_loader",
     "load_mnist5k",
     "load_digits8x8",
 ]
@@ -110,6 +111,32 @@ def make_loader(
         num_workers=num_workers,
         generator=generator,
     )
+
+
+def shuffled_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """The training loader every optimisation in the library uses: shuffled by
+    ``generator`` (or a new one seeded with ``seed``), and without the ragged last batch
+    when the data holds more than one batch.
+
+    Why drop it: a last batch of a few samples gives BatchNorm running statistics from a
+    handful of values per channel (on ``test_resnet``'s 1x1 last map, 2 values when
+    3,202 retain samples meet batch 128). Measured: a retrained model ended at 74-90%
+    retain test accuracy with that batch and 97.5-98% without it; two sequential KTP
+    requests kept 0.852 instead of 0.906. The order is reshuffled every epoch, so every
+    sample is still seen.
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                      num_workers=num_workers,
+                      drop_last=len(dataset) > batch_size)  # type: ignore[arg-type]
 
 
 def _to_image_tensor(images, side: int, size: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import metrics
 from .checkpoint import atomic_write, save
-from .data import as_dataset
+from .data import as_dataset, shuffled_loader
 from .errors import CheckpointError
 from .losses import ERMConfig, erm_loss, is_erm_epoch
 from .surgery import ERMModel
@@ -175,13 +175,8 @@ class ERMTrainer:
         if isinstance(train_data, DataLoader):
             train_loader = train_data
         else:
-            train_set = as_dataset(train_data)
-            # a last batch of a handful of samples gives BatchNorm near-degenerate
-            # statistics (a 1x1 map has one value per channel per sample) and can undo an
-            # epoch of training; with shuffling, dropping it loses nothing systematic
-            train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
-                                      generator=self._generator, num_workers=num_workers,
-                                      drop_last=len(train_set) > batch_size)
+            train_loader = shuffled_loader(as_dataset(train_data), batch_size,
+                                           generator=self._generator, num_workers=num_workers)
         val_loader = None
         if val_data is not None:
             val_loader = val_data if isinstance(val_data, DataLoader) else DataLoader(

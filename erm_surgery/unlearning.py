@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .checkpoint import load, read_metadata, save
-from .data import as_dataset, get_labels
+from .data import as_dataset, get_labels, shuffled_loader
 from .errors import UnlearningError
 from .surgery import ERMModel, attach, head_roles, num_classes_of
 
@@ -380,11 +380,8 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True,
                               weight_decay=config.weight_decay)
-    g = torch.Generator().manual_seed(config.seed)
-    # drop the ragged last batch: a few samples give BatchNorm degenerate statistics
-    loader = DataLoader(_Indexed(distill_set), batch_size=config.batch_size, shuffle=True,
-                        generator=g, drop_last=len(distill_set) > config.batch_size,
-                        num_workers=config.num_workers)
+    loader = shuffled_loader(_Indexed(distill_set), config.batch_size, seed=config.seed,
+                             num_workers=config.num_workers)
     total = max(1, len(loader) * config.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))

@@ -28,7 +28,6 @@ from .baseline_common import (
     parse_request,
     reinitialised,
     sgd_loop,
-    train_loader,
 )
 
 __all__ = ["RetrainConfig", "RetrainInfo", "retrain"]
@@ -140,10 +139,7 @@ def retrain(
     if isinstance(fresh, ERMModel):
         from ..training import train
 
-        # a DataLoader of ours, not the dataset: it drops the last, incomplete batch
-        # (see baseline_common.train_loader for why that matters)
-        loader = train_loader(req.retain_set(), cfg.batch_size, cfg.seed)
-        result = train(fresh, loader, epochs=cfg.epochs,
+        result = train(fresh, req.retain_set(), epochs=cfg.epochs,
                        config=cfg.erm_config or ERMConfig(), accelerator=accelerator,
                        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        seed=cfg.seed, show_progress=cfg.show_progress)

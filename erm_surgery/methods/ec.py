@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data import shuffled_loader
 from ..surgery import num_classes_of, unwrap
 from ..unlearning import (
     KTPConfig,
@@ -207,13 +208,11 @@ def ec_finetune(
     params = [p for p in base.parameters() if p.requires_grad] + plugin.parameters()
     opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
                           weight_decay=config.weight_decay)
-    g = torch.Generator().manual_seed(config.seed)
-    retain_loader = DataLoader(subset(dataset, retain_idx), batch_size=config.batch_size,
-                               shuffle=True, generator=g)
-    forget_loader = DataLoader(subset(dataset, forget_idx),
-                               batch_size=min(config.forget_batch_size, len(forget_idx)),
-                               shuffle=True, generator=torch.Generator().manual_seed(
-                                   config.seed + 1))
+    retain_loader = shuffled_loader(subset(dataset, retain_idx), config.batch_size,
+                                    seed=config.seed)
+    forget_loader = shuffled_loader(subset(dataset, forget_idx),
+                                    min(config.forget_batch_size, len(forget_idx)),
+                                    seed=config.seed + 1)
     total = max(1, len(retain_loader) * config.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
