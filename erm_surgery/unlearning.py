@@ -18,12 +18,13 @@ atomically so no copy of the teacher is left behind (Algorithm 3).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from .checkpoint import load, read_metadata, save
 from .data import as_dataset, get_labels, shuffled_loader
 from .errors import UnlearningError
-from .surgery import ERMModel, attach, head_roles, num_classes_of
+from .surgery import ERMModel, attach, head_roles, num_classes_of, unwrap
 
 __all__ = ["KTPConfig", "UnlearningInfo", "unlearn", "ktp", "unlearn_checkpoint",
            "check_forget_classes", "available_methods", "register_method"]
@@ -174,6 +175,46 @@ def check_forget_classes(model: nn.Module, classes: Iterable[int], *,
 # ----------------------------------------------------------------------- the pieces
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block under torch's global RNG seeded with ``seed``, then restore the caller's
+    state (CPU and the current CUDA device): a method's result depends on its own seed and
+    leaves the caller's random stream where it was."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _reset_all(module: nn.Module) -> None:
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+def reinitialised(model: nn.Module, seed: int) -> tuple[nn.Module, list[str]]:
+    """A deep copy of ``model`` with every module's ``reset_parameters()`` called.
+
+    KTP's fresh student and the baselines' ``retrain`` both start here; plain and attached
+    models alike (an attached copy also gets ``G`` back to its uniform 0.5 start, the
+    ``attach`` default, with the ``forgotten`` flags kept). The global RNG is left as it was
+    (the re-initialisation draws from a forked, seeded one). Returns the copy and the names
+    of parameters that no ``reset_parameters`` reached (still the trained values).
+    """
+    fresh = copy.deepcopy(model)
+    with seeded_rng(seed):
+        _reset_all(unwrap(fresh))
+    if isinstance(fresh, ERMModel):
+        with torch.no_grad():
+            fresh.erm.G.fill_(0.5)
+            fresh.erm.G[fresh.erm.forgotten] = 0
+    theirs = dict(unwrap(model).named_parameters())
+    same = [name for name, p in unwrap(fresh).named_parameters()
+            if p.numel() and torch.equal(p, theirs[name])]
+    return fresh, same
+
+
 def _fresh_student(teacher: ERMModel, student: nn.Module | None,
                    seed: int) -> tuple[ERMModel, list[str]]:
     """A re-initialised model of the teacher's architecture, attached at the same place."""
@@ -186,18 +227,7 @@ def _fresh_student(teacher: ERMModel, student: nn.Module | None,
                                   "count")
         s.to(teacher.erm.G.device)
         return s, []
-    s = copy.deepcopy(teacher)
-    torch.manual_seed(seed)  # ktp() runs under a forked RNG: the caller's state is kept
-    for module in s.model.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    # parameters of modules without reset_parameters (e.g. timm LayerScale gammas) are
-    # still the teacher's: name them so the caller can pass student= instead
-    theirs = dict(teacher.model.named_parameters())
-    same = [name for name, p in s.model.named_parameters()
-            if p.shape == theirs[name].shape and torch.equal(p, theirs[name])]
-    return s, same
+    return reinitialised(teacher, seed)
 
 
 def _head_layers(model: ERMModel) -> list[tuple[str, nn.Module]]:
@@ -309,9 +339,7 @@ def ktp(
     config = config or KTPConfig()
     if not isinstance(config, KTPConfig):
         raise TypeError(f"ktp() takes config=KTPConfig(...), got {type(config).__name__}")
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed)
+    with seeded_rng(config.seed):
         return _ktp(model, classes, data, config, accelerator, student)
 
 

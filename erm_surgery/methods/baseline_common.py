@@ -8,7 +8,6 @@ STD path ``model(x)`` is the plain network). Nothing here touches the evaluation
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..data import as_dataset, get_labels, shuffled_loader
 from ..errors import UnlearningError
 from ..surgery import ERMModel, num_classes_of, unwrap
-from ..unlearning import check_forget_classes
+from ..unlearning import check_forget_classes, reinitialised
 
 __all__ = ["BaselineInfo", "LoopResult", "labels_of", "split_indices", "reinitialised",
            "sgd_loop", "mark_forgotten", "frozen_mask", "check_config", "device_name",
@@ -101,36 +100,6 @@ def split_indices(labels: torch.Tensor, forget: Sequence[int],
     dropped = torch.isin(labels, torch.as_tensor(list(also_drop), dtype=torch.long))
     retain = torch.nonzero(~is_forget & ~dropped).flatten().tolist()
     return retain, torch.nonzero(is_forget).flatten().tolist()
-
-
-def _reset_all(module: nn.Module) -> None:
-    for m in module.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
-
-
-def reinitialised(model: nn.Module, seed: int) -> tuple[nn.Module, list[str]]:
-    """A deep copy of ``model`` with every module's ``reset_parameters()`` called.
-
-    The same rule as KTP's fresh student (``unlearning._fresh_student``), for plain and
-    attached models; an attached copy also gets ``G`` back to its uniform 0.5 start (the
-    ``attach`` default) with the ``forgotten`` flags kept. The global RNG is left as it was
-    (the re-initialisation draws from a forked, seeded one). Returns the copy and the names
-    of parameters that no ``reset_parameters`` reached (still the trained values).
-    """
-    fresh = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        _reset_all(unwrap(fresh))
-    if isinstance(fresh, ERMModel):
-        with torch.no_grad():
-            fresh.erm.G.fill_(0.5)
-            fresh.erm.G[fresh.erm.forgotten] = 0
-    theirs = dict(unwrap(model).named_parameters())
-    same = [name for name, p in unwrap(fresh).named_parameters()
-            if p.numel() and torch.equal(p, theirs[name])]
-    return fresh, same
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ from ..unlearning import (
     check_forget_classes,
     ktp,
     register_method,
+    seeded_rng,
 )
 from .ec_plugin import ECLosses, ECPlugin, contrastive_unlearning_loss
 from .esc_common import resolve_config, split_request, subset
@@ -180,8 +181,15 @@ def ec_finetune(
 ) -> ECInfo:
     """EC fine-tuning of ``model`` **in place** (validated ``forget`` ids); returns the info.
 
-    This is the loop ``ec`` and ``ktp_ec`` share; call it on a copy.
+    This is the loop ``ec`` and ``ktp_ec`` share; call it on a copy. It runs under its own
+    RNG seeded with ``config.seed`` (auxiliary heads, dropout): the caller's is untouched.
     """
+    with seeded_rng(config.seed):
+        return _ec_finetune(model, forget, data, config, accelerator)
+
+
+def _ec_finetune(model: nn.Module, forget: Sequence[int], data: Dataset | DataLoader,
+                 config: ECConfig, accelerator: Any) -> ECInfo:
     from tqdm.auto import tqdm
 
     from ..training import make_accelerator
@@ -190,7 +198,6 @@ def ec_finetune(
     C = num_classes_of(model)
     dataset, forget_idx, retain_idx = split_request(model, forget, data, C, need_retain=True)
     model.to(acc.device)
-    torch.manual_seed(config.seed)  # auxiliary-head initialisation
     example = next(iter(DataLoader(subset(dataset, forget_idx[:1] + retain_idx[:1]),
                                    batch_size=2)))[0].to(acc.device)
     plugin = ECPlugin(model, forget, example=example, layers=config.layers,
