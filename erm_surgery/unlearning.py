@@ -40,7 +40,8 @@ from .errors import UnlearningError
 from .surgery import ERMModel, attach, head_roles, num_classes_of, unwrap
 
 __all__ = ["KTPConfig", "UnlearningInfo", "unlearn", "ktp", "unlearn_checkpoint",
-           "check_forget_classes", "available_methods", "register_method"]
+           "check_forget_classes", "available_methods", "register_method", "DataSplit",
+           "split_data", "labels_of", "reinitialised", "seeded_rng"]
 
 
 @dataclass
@@ -170,6 +171,60 @@ def check_forget_classes(model: nn.Module, classes: Iterable[int], *,
         raise UnlearningError("the request would forget every class: at least one class "
                               "must remain to transfer knowledge to")
     return sorted(ids)
+
+
+@dataclass
+class DataSplit:
+    """The data of a request, split by label (indices into ``dataset``).
+
+    ``retain_idx`` excludes the forget classes *and* classes an earlier request forgot:
+    those samples must not be learned again.
+    """
+
+    dataset: Dataset
+    labels: torch.Tensor
+    retain_idx: list[int]
+    forget_idx: list[int]
+
+
+def labels_of(data: Dataset | DataLoader, num_classes: int) -> torch.Tensor:
+    """Labels of ``data`` (1-D int64), or an :class:`UnlearningError` saying what is wrong."""
+    try:
+        labels = get_labels(data)
+    except (ValueError, TypeError) as err:
+        raise UnlearningError(f"the data has no labels: {err}") from err
+    if labels.numel() == 0:
+        raise UnlearningError("the data is empty")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise UnlearningError(f"the data has labels outside 0..{num_classes - 1}")
+    return labels
+
+
+def split_data(model: nn.Module, forget: Sequence[int], data: Dataset | DataLoader, *,
+               need_retain: bool = True, need_forget: bool = False) -> DataSplit:
+    """Split ``data`` for a validated request; shared by every method.
+
+    Labels come without decoding images where the dataset exposes them. Errors
+    (:class:`UnlearningError`): not a dataset, no labels, empty, labels out of range, no
+    sample of the classes to keep (``need_retain``) or of the forget classes
+    (``need_forget``, for methods that learn from them).
+    """
+    try:
+        dataset = as_dataset(data)
+    except TypeError as err:
+        raise UnlearningError(str(err)) from err
+    labels = labels_of(data, num_classes_of(model))
+    gone = model.erm.forgotten_classes if isinstance(model, ERMModel) else []
+    is_forget = torch.isin(labels, torch.as_tensor(list(forget), dtype=torch.long))
+    is_gone = torch.isin(labels, torch.as_tensor(gone, dtype=torch.long))
+    retain_idx = torch.nonzero(~is_forget & ~is_gone).flatten().tolist()
+    forget_idx = torch.nonzero(is_forget).flatten().tolist()
+    if need_retain and not retain_idx:
+        raise UnlearningError("the data has no samples of the classes to keep")
+    if need_forget and not forget_idx:
+        raise UnlearningError(f"the data has no samples of the forget classes {list(forget)}: "
+                              "this method learns from them")
+    return DataSplit(dataset, labels, retain_idx, forget_idx)
 
 
 # ----------------------------------------------------------------------- the pieces
@@ -356,20 +411,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     teacher = model
     device = acc.device
 
-    try:
-        labels = get_labels(data)
-    except ValueError as err:
-        raise UnlearningError(f"the data has no labels: {err}") from err
-    dataset = as_dataset(data)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= teacher.num_classes):
-        raise UnlearningError(f"the data has labels outside 0..{teacher.num_classes - 1}")
-    if config.distill_on == "retain":
-        excluded = torch.as_tensor(forget + teacher.erm.forgotten_classes)
-        idx = torch.nonzero(~torch.isin(labels, excluded)).flatten().tolist()
-    else:
-        idx = list(range(len(labels)))
-    if not idx:
-        raise UnlearningError("the data has no samples of the classes to keep")
+    split = split_data(teacher, forget, data)
+    dataset = split.dataset
+    idx = split.retain_idx if config.distill_on == "retain" else list(range(len(split.labels)))
     distill_set = Subset(dataset, idx)
 
     G = teacher.erm.G.detach()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data import as_dataset, get_labels, shuffled_loader
+from ..data import shuffled_loader
 from ..errors import UnlearningError
 from ..surgery import ERMModel, num_classes_of, unwrap
-from ..unlearning import check_forget_classes, reinitialised
+from ..unlearning import check_forget_classes, labels_of, reinitialised, split_data
 
-__all__ = ["BaselineInfo", "LoopResult", "labels_of", "split_indices", "reinitialised",
+__all__ = ["BaselineInfo", "LoopResult", "labels_of", "reinitialised",
            "sgd_loop", "mark_forgotten", "frozen_mask", "check_config", "device_name",
-           "classifier_of", "previously_forgotten", "Request", "parse_request",
+           "classifier_of", "Request", "parse_request",
            ]
 
 #: ``loss_fn(logits, labels) -> scalar loss`` used by :func:`sgd_loop`.
@@ -72,34 +72,6 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda" and device.index is None:
         return f"cuda:{torch.cuda.current_device()}"
     return str(device)
-
-
-def labels_of(data: Dataset | DataLoader, num_classes: int) -> torch.Tensor:
-    """Labels of ``data`` (1-D int64), or an :class:`UnlearningError` saying what is wrong."""
-    try:
-        labels = get_labels(data)
-    except (ValueError, TypeError) as err:
-        raise UnlearningError(f"the data has no labels: {err}") from err
-    if labels.numel() == 0:
-        raise UnlearningError("the data is empty")
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise UnlearningError(f"the data has labels outside 0..{num_classes - 1}")
-    return labels
-
-
-def previously_forgotten(model: nn.Module) -> list[int]:
-    """Classes an attached model records as already forgotten (none for a plain model)."""
-    return model.erm.forgotten_classes if isinstance(model, ERMModel) else []
-
-
-def split_indices(labels: torch.Tensor, forget: Sequence[int],
-                  also_drop: Sequence[int] = ()) -> tuple[list[int], list[int]]:
-    """``(retain, forget)`` sample indices. ``also_drop`` (classes forgotten by an earlier
-    request) belongs to neither: those samples must not be learned again."""
-    is_forget = torch.isin(labels, torch.as_tensor(list(forget), dtype=torch.long))
-    dropped = torch.isin(labels, torch.as_tensor(list(also_drop), dtype=torch.long))
-    retain = torch.nonzero(~is_forget & ~dropped).flatten().tolist()
-    return retain, torch.nonzero(is_forget).flatten().tolist()
 
 
 @torch.no_grad()
@@ -248,19 +220,10 @@ class Request:
 
 def parse_request(model: nn.Module, classes: Iterable[int], data: Dataset | DataLoader, *,
                   need_forget_samples: bool = False) -> Request:
-    """Shared validation: the classes (:func:`check_forget_classes`, any model), the data's
-    labels, and the retain / forget split. Errors are :class:`UnlearningError`."""
+    """Shared validation: the classes (:func:`check_forget_classes`, any model) and the
+    data split (:func:`erm_surgery.unlearning.split_data`). Errors are
+    :class:`UnlearningError`."""
     forget = check_forget_classes(model, classes, require_attached=False)
-    C = num_classes_of(model)
-    try:
-        dataset = as_dataset(data)
-    except TypeError as err:
-        raise UnlearningError(str(err)) from err
-    labels = labels_of(dataset, C)
-    retain_idx, forget_idx = split_indices(labels, forget, previously_forgotten(model))
-    if not retain_idx:
-        raise UnlearningError("the data has no samples of the classes to keep")
-    if need_forget_samples and not forget_idx:
-        raise UnlearningError(f"the data has no samples of the forget classes {forget}: "
-                              "this method learns from them")
-    return Request(forget, C, dataset, labels, retain_idx, forget_idx)
+    split = split_data(model, forget, data, need_forget=need_forget_samples)
+    return Request(forget, num_classes_of(model), split.dataset, split.labels,
+                   split.retain_idx, split.forget_idx)

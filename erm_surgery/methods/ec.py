@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import shuffled_loader
-from ..surgery import num_classes_of, unwrap
+from ..surgery import unwrap
 from ..unlearning import (
     KTPConfig,
     available_methods,
@@ -45,9 +45,10 @@ from ..unlearning import (
     ktp,
     register_method,
     seeded_rng,
+    split_data,
 )
 from .ec_plugin import ECLosses, ECPlugin, contrastive_unlearning_loss
-from .esc_common import resolve_config, split_request, subset
+from .esc_common import resolve_config, subset
 from .esc_graph import find_head
 
 __all__ = ["ECConfig", "ECInfo", "KTPECConfig", "ECPlugin", "ec", "ktp_ec",
@@ -195,8 +196,8 @@ def _ec_finetune(model: nn.Module, forget: Sequence[int], data: Dataset | DataLo
     from ..training import make_accelerator
 
     acc = accelerator or make_accelerator()
-    C = num_classes_of(model)
-    dataset, forget_idx, retain_idx = split_request(model, forget, data, C, need_retain=True)
+    split = split_data(model, forget, data, need_forget=True)
+    dataset, forget_idx, retain_idx = split.dataset, split.forget_idx, split.retain_idx
     model.to(acc.device)
     example = next(iter(DataLoader(subset(dataset, forget_idx[:1] + retain_idx[:1]),
                                    batch_size=2)))[0].to(acc.device)

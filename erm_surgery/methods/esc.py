@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import SurgeryError, UnlearningError
 from ..surgery import ERMModel, attach, num_classes_of, trace_model, unwrap
-from ..unlearning import available_methods, check_forget_classes, register_method
-from .esc_common import model_device, resolve_config, split_request, subset
+from ..unlearning import available_methods, check_forget_classes, register_method, split_data
+from .esc_common import model_device, resolve_config, subset
 from .esc_graph import (
     SubspaceProjection,
     feature_dim_of,
@@ -203,8 +203,8 @@ class _Prepared:
                  accelerator: Any, batch_size: int) -> None:
         self.forget = check_forget_classes(model, classes, require_attached=False)
         self.num_classes = num_classes_of(model)
-        dataset, forget_idx, _ = split_request(model, self.forget, data, self.num_classes,
-                                               need_retain=False)
+        split = split_data(model, self.forget, data, need_retain=False, need_forget=True)
+        dataset, forget_idx = split.dataset, split.forget_idx
         self.head = find_head(model)
         # the copy is the model that is returned: the input is never modified
         self.base = copy.deepcopy(unwrap(model))
