@@ -256,13 +256,14 @@ def _ec_finetune(model: nn.Module, forget: Sequence[int], data: Dataset | DataLo
         for p in frozen:
             p.requires_grad_(True)
         base.train(mode)
-    n = max(1, len(last))
+    # one host sync for the whole run: the per-step parts stayed on the device
+    means = (torch.stack([torch.stack([p.total, p.ce, p.contrastive]) for p in last]).mean(0)
+             .tolist() if last else [0.0, 0.0, 0.0])
     return ECInfo(
         method="ec", forget_classes=list(forget), layers=list(plugin.layers),
         layer_weights=list(plugin.layer_weights), epochs=config.epochs, steps=steps,
         retain_samples=len(retain_idx), forget_samples=len(forget_idx),
-        final_loss=sum(p.total for p in last) / n, final_ce=sum(p.ce for p in last) / n,
-        final_contrastive=sum(p.contrastive for p in last) / n, seconds=0.0,
+        final_loss=means[0], final_ce=means[1], final_contrastive=means[2], seconds=0.0,
         notes=[_NO_GUARANTEE])
 
 

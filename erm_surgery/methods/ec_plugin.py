@@ -167,11 +167,12 @@ class _ECNetwork(nn.Module):
 
 @dataclass
 class ECLosses:
-    """The parts of one batch's EC loss (floats, for logging)."""
+    """The parts of one batch's EC loss, detached 0-d tensors on the loss's device: a loop
+    accumulates them and converts to floats once, not three times a layer per step."""
 
-    total: float
-    ce: float
-    contrastive: float
+    total: torch.Tensor
+    ce: torch.Tensor
+    contrastive: torch.Tensor
 
 
 class ECPlugin:
@@ -263,23 +264,26 @@ class ECPlugin:
         forget samples plus cross-entropy on the retain samples."""
         logits, embs, aux_logits = outputs
         retain = ~is_forget
+        # which terms exist is decided once per batch (one look at the mask), not per layer
+        n_forget = int(is_forget.sum())
+        has_retain, has_forget = n_forget < len(is_forget), n_forget > 0
         total = logits.sum() * 0.0
-        ce_sum = cu_sum = 0.0
+        ce_sum, cu_sum = total.detach(), total.detach()
         for i, (w, emb) in enumerate(zip(self.layer_weights, embs, strict=True)):
             final = i == len(embs) - 1
             term = total * 0.0
-            if self.ce_weight and bool(retain.any()) and (final or self.deep_supervision):
+            if self.ce_weight and has_retain and (final or self.deep_supervision):
                 layer_logits = logits if final else aux_logits[i]
                 ce = F.cross_entropy(layer_logits[retain], labels[retain])
                 term = term + self.ce_weight * ce
-                ce_sum += float(ce.detach())
-            if self.contrastive_weight and bool(is_forget.any()):
+                ce_sum = ce_sum + ce.detach()
+            if self.contrastive_weight and has_forget:
                 cu = contrastive_unlearning_loss(emb[is_forget], labels[is_forget],
                                                  emb[retain], self.temperature)
                 term = term + self.contrastive_weight * cu
-                cu_sum += float(cu.detach())
+                cu_sum = cu_sum + cu.detach()
             total = total + w * term
-        return total, ECLosses(float(total.detach()), ce_sum, cu_sum)
+        return total, ECLosses(total.detach(), ce_sum, cu_sum)
 
 
 def describe(plugin: ECPlugin) -> dict[str, Any]:
