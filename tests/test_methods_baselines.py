@@ -15,8 +15,8 @@ import math
 import pytest
 import timm
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from helpers import accuracy
+from torch.utils.data import Subset, TensorDataset
 
 import erm_surgery as E
 from erm_surgery.data import load_digits8x8
@@ -61,17 +61,6 @@ def setup(tmp_path_factory):
     yield {"model": model, "train": train_set, "test": test_set, "recorder": recorder,
            "init": init, "state": copy.deepcopy(model.state_dict())}
     recorder.cleanup()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data, classes) -> float:
-    model.eval()
-    right = total = 0
-    for x, y in DataLoader(data, batch_size=500):
-        keep = torch.isin(y, torch.tensor(classes))
-        right += (model(x).argmax(1)[keep] == y[keep]).sum().item()
-        total += keep.sum().item()
-    return right / total
 
 
 def untouched(setup) -> None:

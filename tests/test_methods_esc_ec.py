@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import accuracy
 from torch.utils.data import DataLoader, Subset
 
 import erm_surgery as E
@@ -42,14 +43,6 @@ def trained():
 @pytest.fixture(scope="module")
 def plain(trained):
     return E.detach(trained[0]).eval()
-
-
-@torch.no_grad()
-def accuracy(model, data, classes):
-    model.eval()
-    x, y = data.tensors
-    keep = torch.isin(y, torch.tensor(classes))
-    return (model(x).argmax(1)[keep] == y[keep]).float().mean().item()
 
 
 def state(model):

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import timm
 import torch
+from helpers import accuracy
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import erm_surgery as E
@@ -26,17 +27,6 @@ def trained():
     model = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
     E.train(model, train_set, epochs=6, batch_size=64, show_progress=False)
     return model.eval(), train_set, test_set
-
-
-@torch.no_grad()
-def accuracy(model, data, classes):
-    model.eval()
-    right = total = 0
-    for x, y in DataLoader(data, batch_size=500):
-        keep = torch.isin(y, torch.tensor(classes))
-        right += (model(x).argmax(1)[keep] == y[keep]).sum().item()
-        total += keep.sum().item()
-    return right / total
 
 
 def test_ktp_forgets_one_class_and_keeps_the_rest(trained):
