@@ -359,7 +359,13 @@ def _analyse(
                          else _param_inputs(gm, n)[0].rpartition(".")[0] for n in head_nodes)
     head_modules = tuple(dict.fromkeys(h for h in head_modules if h))
     if head is None:
-        head = head_modules[-1] if head_modules else str(head_nodes[-1].target)
+        if not head_modules:
+            raise SurgeryError(
+                f"the classifier after the feature map {feat.name!r} is functional code on "
+                f"the model's own parameters ({[n.name for n in head_nodes][:3]}), not a "
+                "module: unlearning needs a head module to cut. Make it an nn.Linear (or "
+                "1x1 conv) submodule, or pass head= the module that holds its weights")
+        head = head_modules[-1]
     else:
         try:
             gm.get_submodule(head)

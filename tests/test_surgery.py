@@ -390,3 +390,20 @@ def test_attention_pooling_vit_is_refused_as_a_transformer():
     # it and the error says why
     with pytest.raises(E.SurgeryError, match="ERM needs a CNN"):
         E.attach(timm.create_model("test_vit3", num_classes=10))
+
+
+class FunctionalHeadNet(nn.Module):
+    """Its classifier is F.linear on a bare parameter of the root module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(self.conv(x)).mean((2, 3)), self.w)
+
+
+def test_functional_head_on_root_parameters_is_a_clear_error():
+    with pytest.raises(E.SurgeryError, match="not a module"):
+        E.attach(FunctionalHeadNet(), input_size=(3, 8, 8))
