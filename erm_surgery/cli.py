@@ -287,19 +287,19 @@ def _test_accuracy(model: Any, data: Any, classes: Sequence[int], batch_size: in
     import torch
     from torch.utils.data import DataLoader
 
+    from .evaluation.accuracy import class_set_accuracy
+    from .surgery import model_device, num_classes_of
+
     model.eval()
-    device = next(model.parameters()).device
-    forget = torch.as_tensor(list(classes))
-    hits = torch.zeros(2)
-    counts = torch.zeros(2)
+    device = model_device(model)
+    preds, labels = [], []
     with torch.no_grad():
         for x, y in DataLoader(data, batch_size=batch_size, num_workers=workers):
-            right = (model(x.to(device)).argmax(1).cpu() == y).float()
-            is_forget = torch.isin(y, forget)
-            hits += torch.stack([right[is_forget].sum(), right[~is_forget].sum()])
-            counts += torch.stack([is_forget.sum(), (~is_forget).sum()]).float()
-    acc = hits / counts.clamp_min(1)
-    return float(acc[0]), float(acc[1])
+            preds.append(model(x.to(device)).argmax(1).cpu())
+            labels.append(y)
+    pred, label = torch.cat(preds), torch.cat(labels)
+    retain = [c for c in range(num_classes_of(model)) if c not in set(classes)]
+    return class_set_accuracy(pred, label, classes), class_set_accuracy(pred, label, retain)
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:

@@ -726,6 +726,15 @@ def num_classes_of(model: nn.Module) -> int:
     return last.out_features
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter (or buffer); CPU for a parameter-free module."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The original-architecture module inside an attached model (itself otherwise)."""
     return model.model if isinstance(model, ERMModel) else model

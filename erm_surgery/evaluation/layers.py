@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..surgery import model_device
 from .cka import centered_gram
 from .config import EvaluationError
 from .features import progress
-from .models import model_device, split_batch
+from .models import split_batch
 
 __all__ = ["LayerNode", "fx_tracer_kwargs", "activation_nodes", "stage_names", "choose_layers",
            "match_layers", "activation_grams"]

@@ -12,11 +12,11 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from ..surgery import model_device
 from .config import EvaluationError
 
 __all__ = [
     "plain_module",
-    "model_device",
     "find_classifier",
     "pool_classifier_input",
     "prepared_models",
@@ -31,15 +31,6 @@ def plain_module(model: nn.Module) -> nn.Module:
     node names match those of the un-attached original and retrained models.
     """
     return getattr(model, "model", model) if hasattr(model, "erm") else model
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the first parameter (or buffer); CPU for a parameter-free module."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str | None:

@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import as_dataset
+from ..surgery import model_device
 from .features import logits_of, ordered_loader, progress
-from .models import model_device, split_batch
+from .models import split_batch
 
 __all__ = ["RelearnResult", "relearn", "forget_accuracy"]
 

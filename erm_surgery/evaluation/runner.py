@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..surgery import model_device
 from .accuracy import accuracy_deltas, accuracy_metrics
 from .cka import CKAResult, centered_gram, cka_from_grams
 from .config import METRICS, EvalConfig, EvaluationError, check_forget_classes, check_metrics
@@ -23,7 +24,7 @@ from .layers import (
     stage_names,
 )
 from .mia import membership_inference, per_sample_loss
-from .models import find_classifier, model_device, plain_module, prepared_models, split_batch
+from .models import find_classifier, plain_module, prepared_models, split_batch
 from .probe import linear_probe
 from .relearn import relearn
 from .report import ROLES, UnlearningReport, pair_key

@@ -37,9 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import SurgeryError, UnlearningError
-from ..surgery import ERMModel, attach, num_classes_of, trace_model, unwrap
+from ..surgery import ERMModel, attach, model_device, num_classes_of, trace_model, unwrap
 from ..unlearning import available_methods, check_forget_classes, register_method, split_data
-from .esc_common import model_device, resolve_config, subset
+from .esc_common import resolve_config, subset
 from .esc_graph import (
     SubspaceProjection,
     feature_dim_of,

@@ -6,11 +6,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import torch
-from torch import nn
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["resolve_config", "model_device", "subset"]
+__all__ = ["resolve_config", "subset"]
 
 C = TypeVar("C")
 
@@ -33,12 +31,6 @@ def resolve_config(cls: type[C], config: C | None, overrides: dict[str, Any]) ->
                             f"{sorted(names)}")
         config = dataclasses.replace(config, **overrides)  # type: ignore[type-var]
     return config
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the first parameter (CPU for a parameter-free module)."""
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def subset(dataset: Dataset, idx: Sequence[int]) -> Subset:
