@@ -40,6 +40,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
+            os.fsync(fh.fileno())
         # mkstemp creates the file private (0600); give it the mode a plain open() would
         umask = os.umask(0)
         os.umask(umask)

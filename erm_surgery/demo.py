@@ -142,6 +142,7 @@ def run_demo(settings: DemoSettings, *,
 
     from .data import load_mnist5k, split_by_class
     from .evaluation import EvalConfig, evaluate
+    from .evaluation.files import atomic_write_text
     from .losses import ERMConfig
     from .surgery import attach
     from .training import train
@@ -242,6 +243,5 @@ def run_demo(settings: DemoSettings, *,
         "table": {"header": header, "rows": rows},
         "files": {k: str(v) for k, v in files.items()},
     }
-    files["summary"] = out / "summary.json"
-    files["summary"].write_text(json.dumps(summary, indent=2))
+    files["summary"] = atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return DemoResult(report=report, seconds=seconds, files=files, table=table)
