@@ -465,9 +465,11 @@ def _check_no_bypass(gm: fx.GraphModule) -> None:
         return [n.name for n in ancestors(node, stop=mask) | {node}
                 if n.op == "placeholder" and n.name != _WEIGHTS_INPUT]
 
-    outputs = _returned_tensors(gm)
-    if len(outputs) > 1 and not leaks_of(outputs[0]):
-        aux = [i for i, node in enumerate(outputs) if leaks_of(node)]
+    # a returned structure fx does not see into (a dict...) is checked as a whole
+    outputs = _returned_tensors(gm) or [_output_node(gm)]
+    leaks = [leaks_of(node) for node in outputs]
+    if len(outputs) > 1 and not leaks[0]:
+        aux = [i for i, found in enumerate(leaks) if found]
         if aux:
             raise SurgeryError(
                 f"in train mode the model returns {len(outputs)} outputs and output(s) {aux} "
@@ -475,7 +477,7 @@ def _check_no_bypass(gm: fx.GraphModule) -> None:
                 "model without auxiliary heads (torchvision googlenet / inception_v3: "
                 "aux_logits=False) and attach again"
             )
-    if any(leaks_of(node) for node in outputs):
+    if any(leaks):
         raise SurgeryError(
             "the input reaches the head around the feature map (a skip connection past the "
             "mask), so masking could not remove a class. Pass feature_node= a block output, "
