@@ -278,7 +278,8 @@ def _had_erm_epochs(meta: dict[str, Any]) -> bool:
 def _ktp_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                               ("lr", args.lr), ("threshold", args.threshold),
-                              ("distill_on", args.distill_on)) if v is not None}
+                              ("distill_on", args.distill_on),
+                              ("recipe", args.recipe)) if v is not None}
 
 
 def _test_accuracy(model: Any, data: Any, classes: Sequence[int], batch_size: int = 256,
@@ -329,9 +330,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                          "another --method")
     dataset, root = _data_for_checkpoint(args, meta)
     try:
-        config = (KTPConfig(seed=args.seed, show_progress=not args.no_progress,
-                            num_workers=_resolve_workers(args.workers, dataset),
-                            **ktp_flags)
+        recipe = KTPConfig.paper if ktp_flags.pop("recipe", None) == "paper" else KTPConfig
+        config = (recipe(seed=args.seed, show_progress=not args.no_progress,
+                         num_workers=_resolve_workers(args.workers, dataset), **ktp_flags)
                   if args.method == "ktp" else None)
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -650,6 +651,11 @@ def _add_unlearn(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, metavar="T",
                    help="KTP: a channel is prohibited when a forget class has G > T "
                    f"(default: {ktp.threshold})")
+    p.add_argument("--recipe", choices=("default", "paper"),
+                   help="KTP: 'default' adds a retain-label term and fine-tunes the kept "
+                   "head (Adam, 1 epoch); 'paper' is the reference code's feature MSE with a "
+                   "fixed head (SGD lr 0.1, 2 epochs). --epochs/--lr/... override either "
+                   "(default: default)")
     p.add_argument("--distill-on", choices=("retain", "all"),
                    help=f"KTP: distil on the retain data or on all data (default: "
                    f"{ktp.distill_on})")

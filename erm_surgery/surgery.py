@@ -29,7 +29,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -640,15 +640,26 @@ class ERMModel(nn.Module):
             return _check_channel_mask(channel_mask, x.shape[0], self.surgery.num_channels)
         return None
 
+    @property
+    def has_head_graph(self) -> bool:
+        """Whether :meth:`forward_head` works: the head reads only the feature map."""
+        return self._graphs["head_eval"] is not None
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *,
                 channel_mask: torch.Tensor | None = None,
-                return_features: bool = False) -> torch.Tensor:
+                return_features: bool | Literal["both"] = False,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (STD path, or ERM path with ``labels=`` / ``channel_mask=``).
 
-        ``return_features=True`` returns the (masked) feature map instead, through
-        ``forward`` so that wrappers such as DDP see the call.
+        ``return_features=True`` returns the (masked) feature map instead, and
+        ``return_features="both"`` returns ``(features, logits)`` from one pass (needs
+        :attr:`has_head_graph`). Both go through ``forward`` so that wrappers such as DDP
+        see the call.
         """
         weights = self._weights(x, labels, channel_mask)
+        if return_features == "both":
+            features = self._graph("features")(x, **{_WEIGHTS_INPUT: weights})
+            return features, self._graph("head")(features)
         kind = "features" if return_features else "full"
         return self._graph(kind)(x, **{_WEIGHTS_INPUT: weights})
 

@@ -9,6 +9,11 @@
 - **FKT**: the teacher's head is copied; its inputs from prohibited channels are zeroed,
   and the forget classes' rows are zeroed with a bias of ``forget_bias``, so their logit is
   a constant far below any retained logit.
+- **Retain labels** (ours, not in the paper; ``label_weight``/``train_head``): the same
+  distillation steps also take a cross-entropy on the retain samples' labels through the
+  FKT head, whose kept entries are fine-tuned. Dropping half the channels leaves the
+  copied head mismatched; this closes the retain-accuracy gap in one epoch
+  (docs/unlearning.md has the measurements). ``KTPConfig.paper()`` turns it off.
 - **GKT**: ``G`` is copied with the forget rows zeroed and ``erm.forgotten`` set, so the
   model itself records which classes are gone (saved in checkpoints).
 
@@ -52,7 +57,8 @@ class KTPConfig:
         threshold: a channel is prohibited when a forget class has ``G[c, k] > threshold``
             (0 = the reference code: any use prohibits; the paper defines only 0 and 1).
         epochs: distillation epochs of the student.
-        lr: learning rate of the student (cosine schedule to 0).
+        lr: learning rate of the student (cosine schedule to 0; the reference code's SGD
+            used 0.1).
         optimizer: ``"sgd"`` (momentum 0.9, nesterov) or ``"adam"``.
         weight_decay: of the student's optimiser.
         batch_size: distillation batch size.
@@ -64,6 +70,12 @@ class KTPConfig:
             (already prohibited) head applied to the teacher's masked map and to the
             student's map, at ``temperature`` (0 = the paper's feature MSE only).
         temperature: softmax temperature of that term.
+        label_weight: weight of a cross-entropy term on the retain samples' labels, through
+            the student's prohibited head (0 = the paper's feature MSE only). The forget
+            classes' logits are blocked, so this term cannot teach them back.
+        train_head: fine-tune the head along with that term. Only the entries FKT keeps
+            train: the inputs from prohibited channels and the forget classes' rows stay
+            blocked after every step. (False = the paper's fixed FKT head.)
         cache_teacher: compute the teacher's masked maps once; ``None`` = when the data has
             no random transform (TensorDataset, or no ``transform`` attribute) and one
             process runs.
@@ -79,14 +91,16 @@ class KTPConfig:
 
     threshold: float = 0.0
     epochs: int = 2
-    lr: float = 0.1
-    optimizer: str = "sgd"
+    lr: float = 0.005
+    optimizer: str = "adam"
     weight_decay: float = 5e-4
     batch_size: int = 32
     distill_on: str = "retain"
     pooled_weight: float = 1.0
     logit_weight: float = 0.0
     temperature: float = 4.0
+    label_weight: float = 1.0
+    train_head: bool = True
     cache_teacher: bool | None = None
     forget_bias: float = -1e4
     entanglement_warning: float = 0.3
@@ -104,8 +118,18 @@ class KTPConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.label_weight < 0 or self.logit_weight < 0:
+            raise ValueError("label_weight and logit_weight must be >= 0")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> KTPConfig:
+        """The reference code's recipe (feature MSE only, fixed FKT head, SGD at lr 0.1),
+        for 2 epochs: what this library ran before the retain-label term."""
+        fields = dict(epochs=2, lr=0.1, optimizer="sgd", label_weight=0.0, train_head=False)
+        return cls(**{**fields, **overrides})
 
 
 @dataclass
@@ -125,6 +149,7 @@ class UnlearningInfo:
     final_mse: float
     seconds: float
     not_reinitialised: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the recipe, for the record
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -289,10 +314,36 @@ def _head_layers(model: ERMModel) -> list[tuple[str, nn.Module]]:
     return [(name, model.model.get_submodule(name)) for name in model.surgery.head_modules]
 
 
+@dataclass
+class _Blocked:
+    """Entries of one head parameter that FKT fixes: ``param = param * open + fill``."""
+
+    param: torch.Tensor
+    open: torch.Tensor  # 1 where the entry may train, 0 where it is blocked
+    fill: torch.Tensor  # the blocked entries' value (0, or forget_bias for logits)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.open.device != self.param.device:  # the model moved (accelerator.prepare)
+            self.open, self.fill = self.open.to(self.param.device), self.fill.to(
+                self.param.device)
+        self.param.mul_(self.open).add_(self.fill)
+
+
+def _block(param: torch.Tensor, blocked: torch.Tensor, value: float = 0.0) -> _Blocked:
+    open_ = (~blocked).to(param.dtype)
+    return _Blocked(param, open_, (1 - open_) * value)
+
+
 @torch.no_grad()
 def _transfer_head(teacher: ERMModel, student: ERMModel, keep: torch.Tensor,
-                   forget: Sequence[int], forget_bias: float) -> None:
-    """FKT: copy the head, cut its inputs from prohibited channels, block forget rows."""
+                   forget: Sequence[int], forget_bias: float) -> list[_Blocked]:
+    """FKT: copy the head, cut its inputs from prohibited channels, block forget rows.
+
+    Returns what was blocked, so that a head trained afterwards can be kept blocked.
+    Inputs the teacher's head already ignores (channels an earlier request prohibited)
+    and classes it already blocks stay blocked too.
+    """
     for (_, t_mod), (_, s_mod) in zip(_head_layers(teacher), _head_layers(student),
                                          strict=True):
         s_mod.load_state_dict(t_mod.state_dict())
@@ -303,22 +354,26 @@ def _transfer_head(teacher: ERMModel, student: ERMModel, keep: torch.Tensor,
     if not readers or not classifiers:  # a head fx saw as functional ops: the named head
         readers = readers or [student.surgery.head]
         classifiers = classifiers or [student.surgery.head]
+    blocked: list[_Blocked] = []
     for name, mod in _head_layers(student):
         w = getattr(mod, "weight", None)
         if not isinstance(w, torch.Tensor):
             continue
+        b = getattr(mod, "bias", None)
         if w.dim() == 1 and w.numel() == K:  # per-channel affine (a norm in the head)
-            w[drop] = 0
-            if getattr(mod, "bias", None) is not None:
-                mod.bias[drop] = 0
+            cut = drop.to(w.device) | ((w == 0) & (b == 0 if b is not None else True))
+            blocked.append(_block(w, cut))
+            if b is not None:
+                blocked.append(_block(b, cut))
             continue
         if name not in readers:
             continue
         in_features = w.shape[1] if w.dim() >= 2 else None
-        if in_features == K:  # Linear(K, .) or Conv(K, ., k)
-            w[:, drop] = 0
-        elif in_features is not None and in_features % K == 0:  # flattened (K, H, W) maps
-            w.view(w.shape[0], K, -1)[:, drop] = 0
+        if in_features is not None and in_features % K == 0:  # Linear(K, .), Conv(K, ., k)
+            per_channel = w.view(w.shape[0], K, -1)  # or a Linear on flattened (K, H, W)
+            cut = drop.to(w.device) | (per_channel == 0).all(2).all(0)
+            blocked.append(_block(w, cut.view(1, K, 1).expand_as(per_channel).reshape(
+                w.shape)))
     idx = torch.as_tensor(list(forget), dtype=torch.long)
     for name in classifiers:  # every layer that writes logits: parallel heads included
         classifier = student.model.get_submodule(name)
@@ -326,10 +381,18 @@ def _transfer_head(teacher: ERMModel, student: ERMModel, keep: torch.Tensor,
             raise UnlearningError(
                 f"head layer {name!r} writes the logits but has {classifier.weight.shape[0]} "
                 f"outputs, not {C}; FKT cannot block the forget classes there")
-        i = idx.to(classifier.weight.device)
-        classifier.weight[i] = 0
-        if getattr(classifier, "bias", None) is not None:
-            classifier.bias[i] = forget_bias
+        w, b = classifier.weight, getattr(classifier, "bias", None)
+        rows = torch.zeros(C, dtype=torch.bool, device=w.device)
+        rows[idx.to(w.device)] = True
+        if b is not None:  # classes an earlier request blocked
+            rows |= (b == forget_bias) & (w.view(C, -1) == 0).all(1)
+        shape = (C,) + (1,) * (w.dim() - 1)
+        blocked.append(_block(w, rows.view(shape).expand_as(w)))
+        if b is not None:
+            blocked.append(_block(b, rows, forget_bias))
+    for block in blocked:
+        block.apply()
+    return blocked
 
 
 def _entanglement(G: torch.Tensor, forget: Sequence[int], keep: torch.Tensor,
@@ -371,6 +434,12 @@ def _distill_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int,
     if pooled_weight:
         loss = loss + pooled_weight * F.mse_loss(out.mean(spatial), target.mean(spatial))
     return loss
+
+
+def _retain_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the samples with a label (-100 = none); 0 for a batch without."""
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return loss / (labels != -100).sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------- KTP
@@ -440,10 +509,22 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     shape[cd] = keep.numel()
     keep_map = keep_f.view(shape)
 
-    # FKT first: the prohibited head is fixed during distillation (and feeds the logit term)
-    _transfer_head(teacher, s, keep.to(s.erm.G.device), forget, config.forget_bias)
+    # FKT first: the prohibited head feeds the label and logit terms during distillation
+    blocked = _transfer_head(teacher, s, keep.to(s.erm.G.device), forget, config.forget_bias)
+    label_weight = config.label_weight
+    if label_weight and not s.has_head_graph:
+        warnings.warn("KTP: this model's head is not a function of the feature map alone "
+                      "(it reads other tensors), so the retain-label term (label_weight) "
+                      "is skipped; only the feature distillation runs", stacklevel=4)
+        label_weight = 0.0
+    # the head trains only when a term reaches it; otherwise DDP would wait for its grads
+    train_head = config.train_head and bool(label_weight or config.logit_weight)
     head_params = {id(p) for _, m in _head_layers(s) for p in m.parameters()}
-    frozen = [p for p in s.parameters() if id(p) in head_params or p is s.erm.G]
+    frozen = [p for p in s.parameters()
+              if p is s.erm.G or (id(p) in head_params and not train_head)]
+    labels = torch.full_like(split.labels, -100)  # forget samples never meet a label
+    labels[split.retain_idx] = split.labels[split.retain_idx]
+    distill_labels = labels[torch.as_tensor(idx, dtype=torch.long)].to(device)
     for p in frozen:  # unused by the distillation: DDP must not wait for their gradients
         p.requires_grad_(False)
     params = [p for p in s.model.parameters() if p.requires_grad]
@@ -489,9 +570,16 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
             else:
                 with torch.no_grad():
                     target = teacher.forward_features(x) * keep_map
-            out = wrapped(x, return_features=True)  # through DDP's forward when wrapped
+            if label_weight:  # features and logits from one pass, through DDP's forward
+                out, logits = wrapped(x, return_features="both")
+            else:
+                out = wrapped(x, return_features=True)
             target = target.to(out.dtype)
-            loss = _distill_loss(out, target, cd, config.pooled_weight)
+            distill = _distill_loss(out, target, cd, config.pooled_weight)
+            loss = distill
+            if label_weight:
+                y = distill_labels[i.to(device)]
+                loss = loss + label_weight * _retain_label_loss(logits, y)
             if config.logit_weight:
                 head = acc.unwrap_model(wrapped).forward_head
                 with torch.no_grad():
@@ -501,9 +589,12 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
                     log_p, soft, reduction="batchmean")
             acc.backward(loss)
             opt.step()
+            if train_head:  # weight decay and momentum must not reopen what FKT blocked
+                for block in blocked:
+                    block.apply()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            last = loss.detach()
+            last = distill.detach()
             progress.update(1)
     progress.close()
     teacher.train(teacher_mode)
@@ -524,7 +615,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         channels_per_forget_class=per_forget, retain_channels_lost=lost,
         distill_on=config.distill_on, epochs=config.epochs, samples=len(distill_set),
         final_mse=float(last), seconds=time.perf_counter() - start,
-        not_reinitialised=same)
+        not_reinitialised=same,
+        config={k: v for k, v in asdict(config).items()
+                if k not in ("show_progress", "num_workers")})
     s.__dict__["unlearning_info"] = info
     return s, info
 

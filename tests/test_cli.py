@@ -99,7 +99,8 @@ def test_train_unlearn_evaluate(trained: Path) -> None:
     assert len(meta["extra"]["training"]["history"]) == 2
     assert (work / "runs" / "m-run" / "history.json").is_file()
 
-    result = ok(cli("unlearn", trained, "--classes", "3,7", "--epochs", "1", *TINY, cwd=work))
+    result = ok(cli("unlearn", trained, "--classes", "3,7", "--recipe", "paper", "--epochs",
+                    "1", *TINY, cwd=work))
     student = work / "runs" / "m-forget-3-7.safetensors"  # the default name
     assert f"saved {student}" in result.stdout
     assert "test accuracy: forget classes 0.0%" in result.stdout
@@ -107,6 +108,8 @@ def test_train_unlearn_evaluate(trained: Path) -> None:
     assert meta["forgotten_classes"] == [3, 7]
     assert meta["extra"]["model_spec"]["model"] == "test_resnet"  # kept: evaluate needs it
     assert meta["extra"]["unlearning"]["method"] == "ktp"
+    recipe = meta["extra"]["unlearning"]["config"]  # the paper's, with --epochs on top
+    assert (recipe["optimizer"], recipe["label_weight"], recipe["epochs"]) == ("sgd", 0.0, 1)
     assert read_metadata(trained)["forgotten_classes"] == []  # the original is untouched
 
     # forget classes default to the recorded ones; no retrained reference: CKA to original

@@ -55,3 +55,76 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert report.accuracy["model"].forget_test == 0.0
     assert (tmp_path / "report" / "report.json").is_file()
     assert (tmp_path / "student.safetensors").is_file()
+
+
+def documented_field_tables(name: str) -> dict[str, dict[str, str]]:
+    """``{class name: {field: default as written}}`` for every field table of a doc page.
+
+    A table belongs to the nearest heading ``### `erm_surgery.Name` `` or line
+    ``` `Name` fields:``` above it.
+    """
+    tables: dict[str, dict[str, str]] = {}
+    owner = None
+    rows = None
+    for line in (DOCS / name).read_text().splitlines():
+        heading = re.match(r"#+ `erm_surgery\.(\w+)`$|`(\w+)` fields:$", line)
+        if heading:
+            owner = heading.group(1) or heading.group(2)
+        elif line.startswith("| field | default |"):
+            rows = tables.setdefault(owner, {})
+        elif rows is not None and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1]
+        elif rows is not None and not line.startswith("| ---"):
+            rows = None
+    return tables
+
+
+def _find_class(name: str):
+    import importlib
+
+    import erm_surgery
+
+    modules = ["erm_surgery", "erm_surgery.methods.esc", "erm_surgery.methods.ec",
+               "erm_surgery.methods.baselines", "erm_surgery.methods.sisa",
+               "erm_surgery.evaluation"]
+    for module in modules:
+        found = getattr(importlib.import_module(module), name, None)
+        if found is not None:
+            return found
+    raise AssertionError(f"docs/api.md documents {name}, which erm_surgery does not have "
+                         f"({erm_surgery.__name__})")
+
+
+def test_api_field_tables_match_the_dataclasses():
+    """Every dataclass field table in docs/api.md lists the real fields and defaults."""
+    import dataclasses
+
+    tables = documented_field_tables("api.md")
+    assert {"KTPConfig", "ERMConfig", "EvalConfig", "ESCConfig", "ECConfig"} <= set(tables)
+    wrong = []
+    for name, documented in tables.items():
+        cls = _find_class(name)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert list(documented) == list(fields), f"{name}: fields differ from the docs"
+        for field_name, written in documented.items():
+            field = fields[field_name]
+            if field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                if written != "required":
+                    wrong.append(f"{name}.{field_name}: docs {written}, code required")
+                continue
+            if dataclasses.is_dataclass(value):  # a nested config: only what differs
+                base = type(value)()
+                changed = ", ".join(f"{f.name}={getattr(value, f.name)!r}"
+                                    for f in dataclasses.fields(value)
+                                    if getattr(value, f.name) != getattr(base, f.name))
+                actual = f"`{type(value).__name__}({changed})`"
+            else:
+                actual = f"`{value!r}`"
+            if written != actual:
+                wrong.append(f"{name}.{field_name}: docs {written}, code {actual}")
+    assert not wrong, "\n".join(wrong)

@@ -157,7 +157,11 @@ def test_forward_features_and_head_compose_to_forward():
         assert torch.allclose(attached.forward_head(attached.forward_features(x, labels=y)),
                               attached(x, labels=y))
         pre = attached.forward_head(attached.forward_features(x), pre_logits=True)
+        features, logits = attached(x, labels=y, return_features="both")  # one pass
+        assert torch.equal(features, attached.forward_features(x, labels=y))
+        assert torch.equal(logits, attached.forward_head(features))
     assert pre.shape == (3, attached.num_features)
+    assert attached.has_head_graph
 
 
 def test_timm_interface_is_kept():
