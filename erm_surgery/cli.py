@@ -652,9 +652,9 @@ def _add_unlearn(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="KTP: a channel is prohibited when a forget class has G > T "
                    f"(default: {ktp.threshold})")
     p.add_argument("--recipe", choices=("default", "paper"),
-                   help="KTP: 'default' adds a retain-label term and fine-tunes the kept "
-                   "head (Adam, 1 epoch); 'paper' is the reference code's feature MSE with a "
-                   "fixed head (SGD lr 0.1, 2 epochs). --epochs/--lr/... override either "
+                   help="KTP: 'default' adds a retain-label term to the feature "
+                   "distillation (Adam lr 0.005); 'paper' is the reference code's feature MSE "
+                   "only (SGD lr 0.1); both 2 epochs. --epochs/--lr/... override either "
                    "(default: default)")
     p.add_argument("--distill-on", choices=("retain", "all"),
                    help=f"KTP: distil on the retain data or on all data (default: "

@@ -250,3 +250,25 @@ def test_bf16_autocast_and_channels_last_on_cpu(mnist_small, fresh_accelerate_st
     with torch.no_grad():
         pred = student(torch.stack([test_set[i][0] for i in range(200)])).argmax(1)
     assert not (pred == 3).any()
+
+
+def test_make_optimizer_fuses_where_pytorch_can_and_falls_back_where_it_cannot():
+    from erm_surgery.training import make_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    sgd = make_optimizer(torch.optim.SGD, params, lr=0.1, momentum=0.9)
+    assert sgd.defaults["fused"] is True and sgd.defaults["momentum"] == 0.9
+    lbfgs = make_optimizer(torch.optim.LBFGS, params, lr=0.1)  # takes no fused=
+    assert isinstance(lbfgs, torch.optim.LBFGS) and "fused" not in lbfgs.defaults
+    # the fused step computes the same update as the loop over parameters
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    loop = torch.optim.Adam(ref, lr=0.01, weight_decay=5e-4, foreach=False)
+    fused = make_optimizer(torch.optim.Adam, params, lr=0.01, weight_decay=5e-4)
+    for _ in range(3):
+        for group in (params, ref):
+            for p in group:
+                p.grad = torch.ones_like(p)
+        loop.step()
+        fused.step()
+    for a, b in zip(params, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

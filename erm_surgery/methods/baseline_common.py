@@ -160,7 +160,7 @@ def sgd_loop(
     """
     from tqdm.auto import tqdm
 
-    from ..training import make_accelerator
+    from ..training import make_accelerator, make_optimizer
 
     acc = accelerator or make_accelerator()
     loader = shuffled_loader(dataset, batch_size, seed=seed)
@@ -168,8 +168,8 @@ def sgd_loop(
     total = max(1, len(loader) * epochs)
     with frozen_mask(model):
         params = [p for p in unwrap(model).parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
-                              weight_decay=weight_decay)
+        opt = make_optimizer(torch.optim.SGD, params, lr=lr, momentum=momentum,
+                             nesterov=momentum > 0, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
         wrapped, opt, loader, sched = acc.prepare(model, opt, loader, sched)

@@ -193,7 +193,7 @@ def _ec_finetune(model: nn.Module, forget: Sequence[int], data: Dataset | DataLo
                  config: ECConfig, accelerator: Any) -> ECInfo:
     from tqdm.auto import tqdm
 
-    from ..training import make_accelerator
+    from ..training import make_accelerator, make_optimizer
 
     acc = accelerator or make_accelerator()
     split = split_data(model, forget, data, need_forget=True)
@@ -214,8 +214,8 @@ def _ec_finetune(model: nn.Module, forget: Sequence[int], data: Dataset | DataLo
     for p in frozen:  # unused parameters would stall DDP
         p.requires_grad_(False)
     params = [p for p in base.parameters() if p.requires_grad] + plugin.parameters()
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
-                          weight_decay=config.weight_decay)
+    opt = make_optimizer(torch.optim.SGD, params, lr=config.lr, momentum=config.momentum,
+                         nesterov=True, weight_decay=config.weight_decay)
     retain_loader = shuffled_loader(subset(dataset, retain_idx), config.batch_size,
                                     seed=config.seed)
     forget_loader = shuffled_loader(subset(dataset, forget_idx),
