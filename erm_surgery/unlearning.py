@@ -337,6 +337,42 @@ def _block(param: torch.Tensor, blocked: torch.Tensor, value: float = 0.0) -> _B
 
 
 @torch.no_grad()
+def _input_channels(model: ERMModel, layer: nn.Module) -> torch.Tensor | None:
+    """The feature-map channel behind each input of a Linear head layer, or None.
+
+    Found by sending a map whose channel ``k`` holds the value ``k + 1`` everywhere through
+    the head: pooling, flattening and concatenation (timm's ``catavgmax``: ``[avg, max]``,
+    channel-major flattening: ``(K, H, W)``) keep the values, so the layer's input names
+    its channels. Anything that changes values (a norm) gives None.
+    """
+    K, shape = model.surgery.num_channels, model.surgery.feature_shape
+    if not model.has_head_graph or not shape:
+        return None
+    view = [1] * (len(shape) + 1)
+    view[model.surgery.channel_dim] = K
+    weight = layer.weight
+    probe = torch.arange(1, K + 1, dtype=weight.dtype, device=weight.device).view(view)
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        model.forward_head(probe.expand(1, *shape))
+    except Exception:  # any failure means: fall back to the layout rule
+        return None
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if len(seen) != 1 or seen[0].numel() != weight.shape[1]:
+        return None
+    values = seen[0].reshape(-1).float()
+    ids = values.round()
+    if not torch.allclose(values, ids, atol=1e-3) or ids.min() < 1 or ids.max() > K:
+        return None
+    return ids.long() - 1
+
+
+@torch.no_grad()
 def _transfer_head(teacher: ERMModel, student: ERMModel, keep: torch.Tensor,
                    forget: Sequence[int], forget_bias: float) -> list[_Blocked]:
     """FKT: copy the head, cut its inputs from prohibited channels, block forget rows.
@@ -370,7 +406,12 @@ def _transfer_head(teacher: ERMModel, student: ERMModel, keep: torch.Tensor,
         if name not in readers:
             continue
         in_features = w.shape[1] if w.dim() >= 2 else None
-        if in_features is not None and in_features % K == 0:  # Linear(K, .), Conv(K, ., k)
+        channels = (_input_channels(student, mod)
+                    if w.dim() == 2 and in_features not in (None, K) else None)
+        if channels is not None:  # a Linear on pooled, flattened or concatenated maps
+            cut = drop.to(w.device)[channels] | (w == 0).all(0)
+            blocked.append(_block(w, cut.view(1, -1).expand_as(w)))
+        elif in_features is not None and in_features % K == 0:  # Linear(K, .), Conv(K, ...)
             per_channel = w.view(w.shape[0], K, -1)  # or a Linear on flattened (K, H, W)
             cut = drop.to(w.device) | (per_channel == 0).all(2).all(0)
             blocked.append(_block(w, cut.view(1, K, 1).expand_as(per_channel).reshape(

@@ -289,3 +289,21 @@ def test_ktp_leaves_the_global_rng_and_rejects_a_foreign_config(trained):
     assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(TypeError, match="KTPConfig"):
         ktp(teacher, [4], train_set, config=E.ERMConfig())
+
+
+@pytest.mark.filterwarnings("ignore:knowledge entanglement")
+@pytest.mark.parametrize("global_pool", ["catavgmax", "avg"])
+def test_fkt_cuts_the_right_columns_of_concatenated_pooling(global_pool):
+    """timm's catavgmax feeds the head [avg(K), max(K)]: a prohibited channel k is the
+    head's columns k and K + k, not two neighbouring columns."""
+    model = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1,
+                                       global_pool=global_pool))
+    K = model.surgery.num_channels
+    with torch.no_grad():
+        model.erm.G.zero_()
+        model.erm.G[0, :5] = 1.0
+    data = torch.utils.data.TensorDataset(torch.randn(40, 1, 32, 32), torch.arange(40) % 10)
+    head = ktp(model, [0], data, config=QUICK)[0].model.get_classifier()
+    cut = (head.weight[1:] == 0).all(0).nonzero().flatten().tolist()
+    copies = head.weight.shape[1] // K
+    assert cut == [c * K + k for c in range(copies) for k in range(5)]
