@@ -307,3 +307,27 @@ def test_fkt_cuts_the_right_columns_of_concatenated_pooling(global_pool):
     cut = (head.weight[1:] == 0).all(0).nonzero().flatten().tolist()
     copies = head.weight.shape[1] // K
     assert cut == [c * K + k for c in range(copies) for k in range(5)]
+
+
+class FlattenHeadNet(torch.nn.Module):
+    """A VGG-style head: the (K, H, W) map flattened channel-major into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, stride=8, padding=1)  # 32x32 -> 8 x 4 x 4
+        self.fc = torch.nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:knowledge entanglement")
+def test_fkt_cuts_every_position_of_a_prohibited_channel_in_a_flattened_head():
+    model = E.attach(FlattenHeadNet(), input_size=(1, 32, 32))
+    with torch.no_grad():
+        model.erm.G.zero_()
+        model.erm.G[0, [1, 6]] = 1.0
+    data = torch.utils.data.TensorDataset(torch.randn(40, 1, 32, 32), torch.arange(40) % 10)
+    head = ktp(model, [0], data, config=QUICK)[0].model.fc
+    cut = (head.weight[1:] == 0).all(0).nonzero().flatten().tolist()
+    assert cut == [k * 16 + s for k in (1, 6) for s in range(16)]
