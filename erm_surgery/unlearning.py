@@ -517,6 +517,10 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     from .training import make_accelerator, make_optimizer
 
     forget = check_forget_classes(model, classes)
+    if config.logit_weight and not model.has_head_graph:
+        raise UnlearningError("logit_weight needs a head that reads only the feature map; "
+                              "this model's head reads other tensors too. Use "
+                              "logit_weight=0")
     start = time.perf_counter()
     acc = accelerator or make_accelerator()
     teacher = model
@@ -559,8 +563,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
                       "(it reads other tensors), so the retain-label term (label_weight) "
                       "is skipped; only the feature distillation runs", stacklevel=4)
         label_weight = 0.0
+    head_terms = bool(label_weight or config.logit_weight)
     # the head trains only when a term reaches it; otherwise DDP would wait for its grads
-    train_head = config.train_head and bool(label_weight or config.logit_weight)
+    train_head = config.train_head and head_terms
     head_params = {id(p) for _, m in _head_layers(s) for p in m.parameters()}
     frozen = [p for p in s.parameters()
               if p is s.erm.G or (id(p) in head_params and not train_head)]
@@ -613,7 +618,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
             else:
                 with torch.no_grad():
                     target = teacher.forward_features(x) * keep_map
-            if label_weight:  # features and logits from one pass, through DDP's forward
+            if head_terms:  # features and logits from one pass, through DDP's forward
                 out, logits = wrapped(x, return_features="both")
             else:
                 out = wrapped(x, return_features=True)
@@ -627,7 +632,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
                 head = acc.unwrap_model(wrapped).forward_head
                 with torch.no_grad():
                     soft = F.softmax(head(target) / config.temperature, dim=1)
-                log_p = F.log_softmax(head(out) / config.temperature, dim=1)
+                log_p = F.log_softmax(logits / config.temperature, dim=1)
                 loss = loss + config.logit_weight * config.temperature ** 2 * F.kl_div(
                     log_p, soft, reduction="batchmean")
             acc.backward(loss)

@@ -113,6 +113,18 @@ def test_four_classes_keep_retain_accuracy(trained):
     assert accuracy(student, test_set, retain) >= accuracy(teacher, test_set, retain) - 0.015
 
 
+@pytest.mark.filterwarnings("ignore:knowledge entanglement")
+def test_logit_term_runs_from_the_same_forward_and_keeps_the_guarantee(trained):
+    teacher, train_set, test_set = trained
+    config = KTPConfig(epochs=1, logit_weight=1.0, label_weight=0.0, train_head=True,
+                       show_progress=False)
+    student, _ = ktp(teacher, [6], Subset(train_set, range(600)), config=config)
+    assert accuracy(student, test_set, [6]) == 0.0
+    head = student.model.get_classifier()
+    assert head.weight[6].abs().sum() == 0 and head.bias[6] == config.forget_bias
+    assert not torch.equal(head.weight[0], teacher.model.get_classifier().weight[0])
+
+
 def test_retain_label_loss_ignores_samples_without_a_label():
     from erm_surgery.unlearning import _retain_label_loss
 
@@ -146,6 +158,10 @@ def test_a_head_without_its_own_graph_skips_the_label_term_with_a_warning():
     data = torch.utils.data.TensorDataset(torch.randn(64, 1, 32, 32), torch.arange(64) % 10)
     with pytest.warns(UserWarning, match="label_weight"):
         student, _ = ktp(model, [0], data, config=QUICK)
+    model.train()
+    with pytest.raises(E.UnlearningError, match="logit_weight"):
+        ktp(model, [0], data, config=KTPConfig(logit_weight=1.0, show_progress=False))
+    assert model.training, "refused before the teacher was touched"
     # no term reaches the head, so it stays FKT's copy: channels 0-1 and class 0 cut
     expected = model.model.fc.weight.detach().clone()
     expected[:, :2] = 0
