@@ -23,48 +23,56 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .baseline_common import BaselineInfo, check_config, mark_forgotten, parse_request, sgd_loop
 
-__all__ = ["FinetuneConfig", "FinetuneInfo", "finetune", "RandomLabelsConfig",
+__all__ = ["SGDRecipe", "FinetuneConfig", "FinetuneInfo", "finetune", "RandomLabelsConfig",
            "RandomLabelsInfo", "random_labels", "NegGradConfig", "NegGradInfo", "neggrad"]
 
 
-def _check_common(epochs: int, lr: float, batch_size: int) -> None:
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-
-# ----------------------------------------------------------------------- fine-tune
-
-
 @dataclass
-class FinetuneConfig:
-    """Fine-tune on the retain data with a larger learning rate than training ended with.
+class SGDRecipe:
+    """The fields the fine-tuning baselines share: a few epochs of SGD (nesterov momentum
+    0.9, cosine schedule to 0) on a copy of the model.
 
     Attributes:
-        epochs: fine-tuning epochs.
-        lr: SGD learning rate (nesterov momentum 0.9, cosine to 0). Training ends at a
-            learning rate near 0 (cosine) and starts at 0.05 (``train``'s default); on
-            MNIST-5k 0.02 and 0.05 for 2 epochs left the forget classes at 90% and 20% test
-            accuracy, 0.1 took them to 0% (docs/baselines.md). Forgetting sets in after a
-            number of *steps*: on a smaller dataset give it more epochs.
+        epochs: epochs over the method's data.
+        lr: SGD learning rate.
         batch_size: minibatch size.
         weight_decay: SGD weight decay.
-        seed: data order.
+        seed: data order (and the method's random draws).
         show_progress: tqdm bar on the main process.
     """
 
-    epochs: int = 2
-    lr: float = 0.1
+    epochs: int = 1
+    lr: float = 0.01
     batch_size: int = 64
     weight_decay: float = 5e-4
     seed: int = 0
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_common(self.epochs, self.lr, self.batch_size)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------- fine-tune
+
+
+@dataclass
+class FinetuneConfig(SGDRecipe):
+    """Fine-tune on the retain data with a larger learning rate than training ended with.
+
+    The fields of :class:`SGDRecipe`. ``lr``: training ends at a learning rate near 0
+    (cosine) and starts at 0.05 (``train``'s default); on MNIST-5k 0.02 and 0.05 for 2
+    epochs left the forget classes at 90% and 20% test accuracy, 0.1 took them to 0%
+    (docs/baselines.md). Forgetting sets in after a number of *steps*: on a smaller dataset
+    give it more epochs.
+    """
+
+    epochs: int = 2
+    lr: float = 0.1
 
 
 @dataclass
@@ -109,27 +117,15 @@ def finetune(
 
 
 @dataclass
-class RandomLabelsConfig:
+class RandomLabelsConfig(SGDRecipe):
     """Fine-tune on all data with the forget samples' labels drawn at random.
 
-    Attributes:
-        epochs: fine-tuning epochs (one took the forget classes to 0% on MNIST-5k).
-        lr: SGD learning rate (nesterov momentum 0.9, cosine to 0).
-        batch_size: minibatch size.
-        weight_decay: SGD weight decay.
-        seed: data order and the random labels.
-        show_progress: tqdm bar on the main process.
+    The fields of :class:`SGDRecipe` (one epoch took the forget classes to 0% on MNIST-5k;
+    ``seed`` also draws the random labels).
     """
 
     epochs: int = 1
     lr: float = 0.01
-    batch_size: int = 64
-    weight_decay: float = 5e-4
-    seed: int = 0
-    show_progress: bool = True
-
-    def __post_init__(self) -> None:
-        _check_common(self.epochs, self.lr, self.batch_size)
 
 
 @dataclass
@@ -196,7 +192,7 @@ def random_labels(
 
 
 @dataclass
-class NegGradConfig:
+class NegGradConfig(SGDRecipe):
     """Gradient ascent on the forget samples, descent on the retain samples.
 
     The loss of a minibatch of all data is
@@ -204,29 +200,19 @@ class NegGradConfig:
     The cap bounds the ascent: a forget sample whose loss already exceeds ``ascent_bound``
     gets no gradient, so its logits are not pushed to infinity (plain NegGrad diverges).
 
-    Attributes:
-        epochs: epochs over all data.
-        lr: SGD learning rate (nesterov momentum 0.9, cosine to 0).
-        batch_size: minibatch size.
-        weight_decay: SGD weight decay.
+    Attributes (besides those of :class:`SGDRecipe`; ``epochs`` are over all data):
         forget_weight: weight of the ascent term.
         ascent_bound: per-sample cap of the forget loss; ``None`` = ``2 * ln(C)``, twice the
             loss of a uniform prediction (the true class then has probability ``1/C^2``).
-        seed: data order.
-        show_progress: tqdm bar on the main process.
     """
 
     epochs: int = 2
     lr: float = 0.01
-    batch_size: int = 64
-    weight_decay: float = 5e-4
     forget_weight: float = 1.0
     ascent_bound: float | None = None
-    seed: int = 0
-    show_progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_common(self.epochs, self.lr, self.batch_size)
+        super().__post_init__()
         if self.forget_weight < 0:
             raise ValueError(f"forget_weight must be >= 0, got {self.forget_weight}")
         if self.ascent_bound is not None and not self.ascent_bound > 0:

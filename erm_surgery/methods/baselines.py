@@ -37,6 +37,7 @@ from .baseline_finetune import (
     NegGradInfo,
     RandomLabelsConfig,
     RandomLabelsInfo,
+    SGDRecipe,
     finetune,
     neggrad,
     random_labels,
@@ -47,7 +48,7 @@ from .baseline_retrain import RetrainConfig, RetrainInfo, retrain
 __all__ = [
     "BaselineInfo",
     "RetrainConfig", "RetrainInfo", "retrain",
-    "FinetuneConfig", "FinetuneInfo", "finetune",
+    "SGDRecipe", "FinetuneConfig", "FinetuneInfo", "finetune",
     "RandomLabelsConfig", "RandomLabelsInfo", "random_labels",
     "NegGradConfig", "NegGradInfo", "neggrad",
     "UpdateRecorder", "RecordedStep", "AmnesiacConfig", "AmnesiacInfo", "amnesiac",
