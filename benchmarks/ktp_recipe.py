@@ -20,8 +20,8 @@ import time
 import warnings
 from pathlib import Path
 
-import timm
 import torch
+from unlearn_vs_retrain import fresh  # a sibling script: benchmarks/ is on sys.path
 
 import erm_surgery
 from erm_surgery.data import load_mnist5k
@@ -63,8 +63,7 @@ def main() -> None:
 
     rows = []
     for seed in seeds:
-        torch.manual_seed(seed)
-        teacher = erm_surgery.attach(timm.create_model(args.model, num_classes=10, in_chans=1))
+        teacher = fresh(args.model, seed)  # the same teacher recipe as unlearn_vs_retrain
         erm_surgery.train(teacher, train_set, epochs=args.epochs, config=ERMConfig(),
                           seed=seed, show_progress=False)
         for forget in forget_sets:

@@ -521,6 +521,12 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         raise UnlearningError("logit_weight needs a head that reads only the feature map; "
                               "this model's head reads other tensors too. Use "
                               "logit_weight=0")
+    label_weight = config.label_weight
+    if label_weight and not model.has_head_graph:
+        warnings.warn("KTP: this model's head is not a function of the feature map alone "
+                      "(it reads other tensors), so the retain-label term (label_weight) "
+                      "is skipped; only the feature distillation runs", stacklevel=4)
+        label_weight = 0.0
     start = time.perf_counter()
     acc = accelerator or make_accelerator()
     teacher = model
@@ -557,21 +563,16 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
 
     # FKT first: the prohibited head feeds the label and logit terms during distillation
     blocked = _transfer_head(teacher, s, keep.to(s.erm.G.device), forget, config.forget_bias)
-    label_weight = config.label_weight
-    if label_weight and not s.has_head_graph:
-        warnings.warn("KTP: this model's head is not a function of the feature map alone "
-                      "(it reads other tensors), so the retain-label term (label_weight) "
-                      "is skipped; only the feature distillation runs", stacklevel=4)
-        label_weight = 0.0
     head_terms = bool(label_weight or config.logit_weight)
     # the head trains only when a term reaches it; otherwise DDP would wait for its grads
     train_head = config.train_head and head_terms
     head_params = {id(p) for _, m in _head_layers(s) for p in m.parameters()}
     frozen = [p for p in s.parameters()
               if p is s.erm.G or (id(p) in head_params and not train_head)]
-    labels = torch.full_like(split.labels, -100)  # forget samples never meet a label
-    labels[split.retain_idx] = split.labels[split.retain_idx]
-    distill_labels = labels[torch.as_tensor(idx, dtype=torch.long)].to(device)
+    if label_weight:
+        labels = torch.full_like(split.labels, -100)  # forget samples never meet a label
+        labels[split.retain_idx] = split.labels[split.retain_idx]
+        distill_labels = labels[torch.as_tensor(idx, dtype=torch.long)].to(device)
     for p in frozen:  # unused by the distillation: DDP must not wait for their gradients
         p.requires_grad_(False)
     params = [p for p in s.model.parameters() if p.requires_grad]
