@@ -46,9 +46,9 @@ import erm_surgery as E
 from erm_surgery.data import load_mnist5k
 from erm_surgery.evaluation import EvalConfig, evaluate
 from erm_surgery.methods.baselines import RetrainConfig, UpdateRecorder
-from erm_surgery.methods.sisa import SISAConfig, train_sisa
+from erm_surgery.methods.baselines.sisa import SISAConfig, train_sisa
+from erm_surgery.methods.ktp import KTPConfig
 from erm_surgery.surgery import unwrap
-from erm_surgery.unlearning import KTPConfig
 
 RESULTS = Path(__file__).parent / "results"
 

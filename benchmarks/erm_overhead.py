@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import erm_surgery
 from erm_surgery.data import load_mnist5k
-from erm_surgery.losses import ERMConfig, erm_loss
+from erm_surgery.training import ERMConfig, erm_loss
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     import erm_surgery as E
     from erm_surgery.methods.ec import ECConfig, KTPECConfig, ec, ktp_ec
     from erm_surgery.methods.esc import esc, esc_t
-    from erm_surgery.unlearning import KTPConfig, ktp
+    from erm_surgery.methods.ktp import KTPConfig, ktp
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", choices=("digits", "mnist5k"), default="mnist5k")

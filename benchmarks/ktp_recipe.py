@@ -26,8 +26,8 @@ from unlearn_vs_retrain import fresh  # a sibling script: benchmarks/ is on sys.
 import erm_surgery
 from erm_surgery.data import load_mnist5k
 from erm_surgery.evaluation import EvalConfig, evaluate
-from erm_surgery.losses import ERMConfig
-from erm_surgery.unlearning import KTPConfig, ktp
+from erm_surgery.methods.ktp import KTPConfig, ktp
+from erm_surgery.training import ERMConfig
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -44,6 +44,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import erm_surgery
 from erm_surgery import surgery as S
+from erm_surgery.surgery import _analysis, _graphs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("original", "std", "erm")
@@ -120,15 +121,15 @@ def time_attach(name: str, runs: int) -> dict[str, Any]:
         t1 = t()
         gm = S.trace_model(base, training=False)
         t2 = t()
-        probe = S._probe_input(base, None)  # noqa: SLF001 - timing the library's own stages
+        probe = _analysis.probe_input(base, None)  # timing the library's own stages
         base.eval()
         with torch.no_grad():
             ShapeProp(gm).propagate(probe)
         base.train()
         t3 = t()
-        info = S._analyse(gm, None, None, None)  # noqa: SLF001
+        info = _analysis.analyse(gm, None, None, None)
         t4 = t()
-        S._build_graphs(base, info, gm)  # noqa: SLF001
+        _graphs.build_graphs(base, info, gm)
         t5 = t()
         for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
                               strict=True):

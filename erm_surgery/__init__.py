@@ -1,22 +1,24 @@
-"""erm-surgery: class-level machine unlearning for timm and torchvision CNNs."""
+"""erm-surgery: class-level machine unlearning for timm and torchvision CNNs.
 
-from . import (
-    methods,  # noqa: E402,F401  (registers the methods beyond KTP)
-    metrics,
-)
+The user API is here; the packages hold the rest (docs/architecture.md):
+``surgery`` (attach/detach, the fx tracer), ``training`` (ERM losses and trainer),
+``unlearning`` (the method registry, request checks, checkpoint rewriting), ``methods``
+(KTP, ESC, EC and the baselines), ``evaluation`` (the evidence of forgetting), ``cli``.
+"""
+
+from . import methods  # noqa: F401  (registers every unlearning method)
 from .checkpoint import load, read_metadata, save
-from .errors import CheckpointError, ERMError, SurgeryError, UnlearningError
-from .evaluation import EvalConfig, UnlearningReport, evaluate  # noqa: E402
-from .losses import ERMConfig, erm_loss, inner_product, is_erm_epoch, l1_hinge
-from .mask import ERMMask
-from .prohibition import ProhibitionResult, prohibition_accuracy
-from .surgery import ERMModel, SurgeryInfo, attach, detach, is_attached, unwrap
-from .training import EpochStats, ERMTrainer, TrainResult, make_accelerator, train
+from .errors import CheckpointError, ERMError, EvaluationError, SurgeryError, UnlearningError
+from .evaluation import EvalConfig, UnlearningReport, evaluate
+from .evaluation.prohibition import ProhibitionResult, prohibition_accuracy
+from .methods.ktp import KTPConfig, KTPInfo
+from .surgery import ERMModel, attach, detach, is_attached, unwrap
+from .training import ERMConfig, TrainResult, erm_loss, make_accelerator, train
 from .unlearning import (
-    KTPConfig,
-    UnlearningInfo,
+    MethodInfo,
+    MethodSpec,
     available_methods,
-    ktp,
+    get_method,
     register_method,
     unlearn,
     unlearn_checkpoint,
@@ -26,41 +28,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
-    "attach",
-    "detach",
-    "save",
-    "load",
-    "read_metadata",
-    "unwrap",
-    "is_attached",
-    "train",
-    "unlearn",
-    "unlearn_checkpoint",
-    "ktp",
-    "KTPConfig",
-    "UnlearningInfo",
-    "available_methods",
-    "register_method",
-    "evaluate",
-    "EvalConfig",
-    "UnlearningReport",
-    "ERMTrainer",
-    "ERMConfig",
-    "TrainResult",
-    "EpochStats",
-    "make_accelerator",
-    "erm_loss",
-    "l1_hinge",
-    "inner_product",
-    "is_erm_epoch",
-    "prohibition_accuracy",
-    "ProhibitionResult",
-    "metrics",
-    "ERMModel",
-    "ERMMask",
-    "SurgeryInfo",
-    "ERMError",
-    "SurgeryError",
-    "CheckpointError",
-    "UnlearningError",
+    # surgery
+    "attach", "detach", "unwrap", "is_attached", "ERMModel",
+    # training
+    "train", "TrainResult", "ERMConfig", "erm_loss", "make_accelerator",
+    # unlearning
+    "unlearn", "unlearn_checkpoint", "available_methods", "register_method", "get_method",
+    "MethodSpec", "MethodInfo", "KTPConfig", "KTPInfo",
+    # evaluation
+    "evaluate", "EvalConfig", "UnlearningReport", "prohibition_accuracy", "ProhibitionResult",
+    # files
+    "save", "load", "read_metadata",
+    # errors
+    "ERMError", "SurgeryError", "CheckpointError", "UnlearningError", "EvaluationError",
 ]

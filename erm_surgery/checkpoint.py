@@ -22,10 +22,23 @@ from torch import nn
 from .errors import CheckpointError, SurgeryError
 from .surgery import ERMModel, attach
 
-__all__ = ["save", "load", "read_metadata", "atomic_write", "FORMAT"]
+__all__ = ["save", "load", "read_metadata", "atomic_write", "register_restorer", "FORMAT"]
 
 FORMAT = "erm-surgery/1"
 _META_KEY = "erm_surgery"
+
+#: ``restore(base_model, state_dict) -> module``: rebuilds modules a method added to the
+#: architecture (ESC's projections) so the saved tensors fit; returns ``base_model`` itself
+#: when the state dict holds none of its tensors. Filled by ``register_method(restore=...)``.
+_RESTORERS: dict[str, Callable[[nn.Module, dict[str, torch.Tensor]], nn.Module]] = {}
+
+
+def register_restorer(name: str,
+                      restore: Callable[[nn.Module, dict[str, torch.Tensor]], nn.Module]) -> None:
+    """Let :func:`load` rebuild the results of method ``name`` (see ``_RESTORERS``). A
+    function shared by several methods (ESC and ESC-T) runs once per load."""
+    if all(fn is not restore for fn in _RESTORERS.values()):
+        _RESTORERS[name] = restore
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -130,7 +143,9 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> ERMModel:
 
     ``base_model`` is a plain instance of the same architecture (e.g.
     ``timm.create_model("resnet18", num_classes=10)``); it is copied, never modified.
-    The model comes back on ``base_model``'s device. Raises ``CheckpointError`` for a
+    Results of methods that add modules (ESC's projections) are rebuilt by the
+    restorers those methods registered. The model comes back on ``base_model``'s device.
+    Raises ``CheckpointError`` for a
     missing, truncated or mismatched file.
     """
     from safetensors.torch import load_file
@@ -138,7 +153,20 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> ERMModel:
     meta = read_metadata(path)
     info = meta["surgery"]
     try:
-        model = attach(base_model, feature_node=info["feature_node"], head=info["head"])
+        tensors = load_file(str(path), device="cpu")
+    except Exception as err:
+        raise CheckpointError(f"cannot read the tensors of {path} ({err}); the file may be "
+                              "truncated") from err
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    base = base_model
+    for name, restore in _RESTORERS.items():  # modules a method added (ESC's projections)
+        try:
+            base = restore(base, state)
+        except Exception as err:  # a mismatch anywhere: one clear message, nothing loaded
+            raise CheckpointError(f"{path} holds tensors of method {name!r} that do not fit "
+                                  f"the base model: {type(err).__name__}: {err}") from err
+    try:
+        model = attach(base, feature_node=info["feature_node"], head=info["head"])
     except SurgeryError as err:
         raise CheckpointError(f"{path} does not fit the base model: {err}") from err
     if (model.surgery.num_classes, model.surgery.num_channels) != (
@@ -149,11 +177,6 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> ERMModel:
             f"K={model.surgery.num_channels}; build the base model with the same "
             "architecture and num_classes"
         )
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except Exception as err:
-        raise CheckpointError(f"cannot read the tensors of {path} ({err}); the file may be "
-                              "truncated") from err
     expected = {f"model.{k}": v for k, v in model.model.state_dict().items()}
     expected.update({f"erm.{k}": v for k, v in model.erm.state_dict().items()})
     missing = sorted(set(expected) - set(tensors))
@@ -166,8 +189,7 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> ERMModel:
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, wrong shape {wrong[:5]}"
         )
-    model.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
-                                 if k.startswith("model.")})
+    model.model.load_state_dict(state)
     model.erm.load_state_dict({k[len("erm."):]: v for k, v in tensors.items()
                                if k.startswith("erm.")})
     return model

@@ -24,6 +24,7 @@ __all__ = [
     "shuffled_loader",
     "load_mnist5k",
     "load_digits8x8",
+    "check_class_ids",
 ]
 
 
@@ -210,3 +211,44 @@ def load_digits8x8(
 def class_counts(labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
     """Number of samples per class."""
     return torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes)
+
+
+def check_class_ids(classes: Iterable[int] | int, num_classes: int, *,
+                    error: type[Exception] = ValueError, name: str = "classes",
+                    allow_duplicates: bool = True) -> list[int]:
+    """``classes`` (one id or an iterable) as a list of ints in ``0..num_classes - 1``.
+
+    The one class-id check behind unlearning requests, the evaluation and the command
+    line; each passes the error type its callers expect. Integer-valued numpy and torch
+    scalars are accepted; bools, floats and float tensors (``3.7``) are refused, never
+    truncated. Errors name the problem: not integers, empty, out of range, duplicates
+    (when ``allow_duplicates`` is False).
+    """
+    if isinstance(classes, (torch.Tensor, np.ndarray)):
+        classes = list(classes.reshape(-1))  # 0-d elements: int dtypes have __index__
+    elif isinstance(classes, int) or hasattr(classes, "__index__"):
+        classes = [classes]  # type: ignore[list-item]
+    try:
+        raw = list(classes)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise error(f"{name} must be a list of class ids, got "
+                    f"{type(classes).__name__}") from err
+    ids: list[int] = []
+    for c in raw:
+        # bool is an int subclass; floats and float tensors have no __index__
+        try:
+            if isinstance(c, bool):
+                raise TypeError
+            ids.append(int(c.__index__()))
+        except (TypeError, AttributeError, RuntimeError, ValueError):
+            raise error(f"{name} must be integers (integer class ids), got {c!r}") from None
+    if not ids:
+        raise error(f"no classes to forget: {name} is empty; pass at least one class id")
+    bad = sorted({c for c in ids if not 0 <= c < num_classes})
+    if bad:
+        raise error(f"unknown class ids {bad}: out of range, the model has {num_classes} "
+                    f"classes (ids 0..{num_classes - 1})")
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    if dupes and not allow_duplicates:
+        raise error(f"duplicate class ids {dupes}: pass each class once")
+    return ids

@@ -7,7 +7,12 @@ problem and the fix.
 
 from __future__ import annotations
 
-__all__ = ["ERMError", "SurgeryError", "CheckpointError", "UnlearningError"]
+import os
+import sys
+import warnings
+
+__all__ = ["ERMError", "SurgeryError", "CheckpointError", "UnlearningError", "EvaluationError",
+           "warn_user"]
 
 
 class ERMError(ValueError):
@@ -24,3 +29,21 @@ class CheckpointError(ERMError):
 
 class UnlearningError(ERMError):
     """An unlearning request is invalid (unknown, duplicate or already forgotten classes...)."""
+
+
+class EvaluationError(ERMError):
+    """Invalid evaluation input (models, data, forget classes, metric names, config)."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside erm-surgery: the user's line
+    that called the library, however many layers (registry, method, loop) lie between."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR):
+        level += 1
+        frame = frame.f_back
+    warnings.warn(message, category, stacklevel=level)

@@ -12,9 +12,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import erm_surgery as E
-from erm_surgery.losses import ERMConfig
-from erm_surgery.training import ERMTrainer, make_accelerator, std_accuracy
-from erm_surgery.unlearning import KTPConfig, ktp
+from erm_surgery.methods.ktp import KTPConfig, ktp
+from erm_surgery.training import ERMConfig, ERMTrainer, make_accelerator, std_accuracy
 
 
 def main(out: Path) -> None:

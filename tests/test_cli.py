@@ -2,7 +2,9 @@
 
 Every subprocess pays the imports (torch, timm) once, so the runs are few and small:
 ``demo --quick``, one ``train`` shared by the ``unlearn`` -> ``evaluate`` chain and the error
-cases, and one ImageFolder run on a dozen generated PNGs.
+cases, and one ImageFolder run on a dozen generated PNGs. The rest runs in-process
+(``main(argv)`` returns the exit code): the method options of ``unlearn`` (built from each
+method's config class) and the error paths.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 from erm_surgery import read_metadata
 from erm_surgery.cli import main
-from erm_surgery.cli_common import UsageError, format_table, parse_classes
+from erm_surgery.cli.common import UsageError, format_table, parse_classes
 
 REPORT_KEYS = {"forget_classes", "num_classes", "models", "metrics", "accuracy", "mia", "probe",
                "cka", "knn", "relearn", "erm", "resources", "notes"}
@@ -205,7 +207,7 @@ def test_error_exit_codes_and_one_line_messages(trained: Path, tmp_path: Path) -
         "unknown model": (["train", "--model", "resnet18x"],
                           2, "train", "unknown model 'resnet18x'", "did you mean"),
         "bad class id": (["unlearn", trained, "--classes", "12"],
-                         2, "unlearn", "class id 12 is out of range: the model has 10 classes"),
+                         2, "unlearn", "out of range, the model has 10 classes"),
         "missing checkpoint": (["evaluate", "missing.safetensors"],
                                1, "evaluate", "no checkpoint at missing.safetensors"),
     }
@@ -250,9 +252,9 @@ def test_dataset_needs_a_root(capsys) -> None:
 def test_checkpoint_errors(trained: Path, tmp_path: Path, capsys) -> None:
     code, err = run_main(capsys, "evaluate", trained)  # nothing forgotten, no --classes
     assert code == 2 and "has forgotten no class" in err
-    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--lr", "0.1",
-                         "--method", "finetune")
-    assert code == 2 and "KTP setting" in err
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--threshold", "0.1",
+                         "--method", "finetune")  # finetune's config has no threshold
+    assert code == 2 and "--threshold is not an option of method 'finetune'" in err
     code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--out", "x",
                          "--in-place")
     assert code == 2 and "not both" in err
@@ -260,7 +262,7 @@ def test_checkpoint_errors(trained: Path, tmp_path: Path, capsys) -> None:
     import timm
 
     from erm_surgery import attach
-    from erm_surgery.cli_models import ModelSpec, save_checkpoint
+    from erm_surgery.cli.models import ModelSpec, save_checkpoint
 
     plain = tmp_path / "plain.safetensors"
     save_checkpoint(attach(timm.create_model("test_resnet", num_classes=10, in_chans=1)), plain,
@@ -268,11 +270,111 @@ def test_checkpoint_errors(trained: Path, tmp_path: Path, capsys) -> None:
                     training={"history": [{"path": "std"}]})
     code, err = run_main(capsys, "unlearn", plain, "--classes", "3")
     assert code == 2 and "without an ERM epoch" in err
+    code, err = run_main(capsys, "unlearn", plain, "--classes", "3", "--method", "ktp_ec")
+    assert code == 2 and "method 'ktp_ec' reads G" in err  # any method with needs_attached
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a checkpoint")
     code, err = run_main(capsys, "unlearn", garbage, "--classes", "3")
     assert code == 1 and "not a readable safetensors file" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------- unlearn: options of any method
+
+
+def test_unlearn_any_method_with_its_config_fields(trained: Path, tmp_path: Path,
+                                                   capsys) -> None:
+    """--epochs / --set reach a baseline's config; the checkpoint records each request."""
+    first, second = tmp_path / "ft.safetensors", tmp_path / "ft-rl.safetensors"
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--method", "finetune",
+                         "--epochs", "1", "--set", "lr=0.05", "--set", "momentum=0",
+                         "--out", first, *TINY)
+    assert code == 0, err
+    extra = read_metadata(first)["extra"]
+    info = extra["unlearning"]
+    assert (info["method"], info["epochs"], info["lr"]) == ("finetune", 1, 0.05)
+    assert info["forget_classes"] == [3]
+    assert extra["unlearning_history"] == [{**info, "source": str(trained)}]
+    assert extra["model_spec"]["model"] == "test_resnet"  # kept for the next command
+    # a second request on the result: the history grows (record_unlearning)
+    code, err = run_main(capsys, "unlearn", first, "--classes", "5", "--method",
+                         "random_labels", "--set", "batch_size=128", "--out", second, *TINY)
+    assert code == 0, err
+    meta = read_metadata(second)
+    assert meta["forgotten_classes"] == [3, 5]
+    history = meta["extra"]["unlearning_history"]
+    assert [(h["method"], h["source"]) for h in history] == [("finetune", str(trained)),
+                                                             ("random_labels", str(first))]
+    assert meta["extra"]["unlearning"]["method"] == "random_labels"
+
+
+def test_unlearn_method_option_errors(trained: Path, tmp_path: Path, capsys) -> None:
+    """Every option mistake is one line, exit 2, before any data or model is loaded."""
+    out = tmp_path / "never.safetensors"
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--method", "finetune",
+                         "--set", "nosuch=1", "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "unknown field 'nosuch'" in err
+    assert "method 'finetune' (FinetuneConfig) has the fields epochs, lr, batch_size" in err
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--method", "finetune",
+                         "--set", "epochs=two", "--out", out)
+    assert code == 2 and "epochs of method 'finetune' takes an int, got 'two'" in err
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--epochs", "1",
+                         "--set", "epochs=2", "--out", out)
+    assert code == 2 and "both set epochs" in err
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--method", "esc",
+                         "--recipe", "paper", "--out", out)
+    assert code == 2 and "--recipe is a KTP option" in err
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--set", "threshold=2",
+                         "--out", out)  # the config's own check
+    assert code == 2 and "threshold must be in [0, 1)" in err
+    assert not out.exists()
+    for argv, text in ((["--method", "amnesiac"], "invalid choice: 'amnesiac'"),
+                       (["--method", "sisa"], "invalid choice: 'sisa'"),
+                       (["--set", "lr"], "expected FIELD=VALUE")):
+        with pytest.raises(SystemExit) as exc:
+            main(["unlearn", str(trained), "--classes", "3", *argv])
+        assert exc.value.code == 2
+        assert text in capsys.readouterr().err
+
+
+def test_unlearn_refuses_a_method_whose_result_cannot_be_reloaded(trained: Path, tmp_path: Path,
+                                                                   monkeypatch, capsys) -> None:
+    import dataclasses
+
+    import erm_surgery.unlearning as unlearning
+
+    real = unlearning.get_method
+    monkeypatch.setattr(unlearning, "get_method",
+                        lambda name: dataclasses.replace(real(name), reloadable=False))
+    code, err = run_main(capsys, "unlearn", trained, "--classes", "3", "--in-place")
+    assert code == 2 and "cannot save it in place" in err
+    assert read_metadata(trained)["forgotten_classes"] == []
+
+
+def test_method_config_from_the_config_class() -> None:
+    """--set's values are parsed by the field's type, nested configs included."""
+    from erm_surgery.cli.method_options import method_config
+    from erm_surgery.unlearning import get_method
+
+    run = {"seed": 4, "show_progress": False, "num_workers": 2}
+    cfg = method_config(get_method("ktp"), flags={"epochs": 1, "lr": None}, recipe="paper",
+                        sets=[("cache_teacher", "none"), ("train_head", "true")], run=run)
+    assert (cfg.epochs, cfg.optimizer, cfg.label_weight) == (1, "sgd", 0.0)  # paper + flag
+    assert (cfg.cache_teacher, cfg.train_head) == (None, True)
+    assert (cfg.seed, cfg.show_progress, cfg.num_workers) == (4, False, 2)
+    esc = method_config(get_method("esc"), sets=[("k", "4")], run=run)  # no seed field
+    assert esc.k == 4
+    ec = method_config(get_method("ec"), sets=[("layers", "a,b"), ("layer_weights", "1,0.5")])
+    assert (ec.layers, ec.layer_weights) == (["a", "b"], [1.0, 0.5])
+    both = method_config(get_method("ktp_ec"), sets=[("ktp.epochs", "1"), ("ec.lr", "0.5")],
+                         run=run)
+    assert (both.ktp.epochs, both.ec.lr, both.ktp.seed, both.ec.show_progress) == \
+        (1, 0.5, 4, False)
+    with pytest.raises(UsageError, match=r"ktp \(KTPConfig\) has the fields epochs"):
+        method_config(get_method("ktp_ec"), sets=[("ktp.nosuch", "1")])
+    with pytest.raises(UsageError, match="only None can be set"):
+        method_config(get_method("retrain"), sets=[("erm_config", "x")])
 
 
 def test_usage_errors_from_argparse(capsys) -> None:
@@ -303,6 +405,22 @@ def test_help_shows_examples(capsys) -> None:
     assert "accelerate launch" in text and "--data-root" in text and "tv:resnet18" in text
 
 
+def test_unlearn_help_lists_the_methods_from_the_registry(capsys) -> None:
+    from erm_surgery.unlearning import available_methods, get_method
+
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--set FIELD=VALUE" in text
+    for name in available_methods():
+        spec = get_method(name)
+        if spec.cli:
+            assert f" {name} {' '.join(spec.summary.split())}" in text, name
+        else:
+            assert f" {name} {' '.join(spec.summary.split())}" not in text, name
+    assert "epochs=2 lr=0.1 batch_size=64" in text  # finetune's fields and defaults
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -327,10 +445,10 @@ def test_format_table() -> None:
     ]
 
 
-def test_esc_checkpoint_reads_back_and_training_state_methods_are_refused(trained: Path) -> None:
+def test_esc_checkpoint_reads_back(trained: Path) -> None:
     import torch
 
-    from erm_surgery.cli_models import load_checkpoint
+    from erm_surgery.cli.models import load_checkpoint
 
     work = trained.parent.parent
     out = work / "runs" / "m-esc.safetensors"
@@ -343,5 +461,3 @@ def test_esc_checkpoint_reads_back_and_training_state_methods_are_refused(traine
     with torch.no_grad():
         assert not torch.allclose(model(x), original(x)), "the projection is in the graph"
     assert torch.equal(model.erm.G, original.erm.G)
-    result = cli("unlearn", trained, "--classes", "2", "--method", "amnesiac", cwd=work)
-    assert result.returncode == 2 and "invalid choice" in result.stderr

@@ -58,19 +58,20 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
 
 
 def documented_field_tables(name: str) -> dict[str, dict[str, str]]:
-    """``{class name: {field: default as written}}`` for every field table of a doc page.
+    """``{class: {field: default as written}}`` for every field table of a doc page.
 
-    A table belongs to the nearest heading ``### `erm_surgery.Name` `` or line
-    ``` `Name` fields:``` above it.
+    A table belongs to the nearest heading ``### `erm_surgery.path.Name` `` (the class is
+    then the full dotted path) or line ``` `Name` fields:``` (the bare name) above it.
     """
     tables: dict[str, dict[str, str]] = {}
     owner = None
     rows = None
     for line in (DOCS / name).read_text().splitlines():
-        heading = re.match(r"#+ `erm_surgery\.(\w+)`$|`(\w+)` fields:$", line)
+        heading = re.match(r"#+ `(erm_surgery(?:\.\w+)+)`$|`(\w+)` fields:$", line)
         if heading:
             owner = heading.group(1) or heading.group(2)
         elif line.startswith("| field | default |"):
+            assert owner not in tables, f"docs/{name}: two field tables for {owner}"
             rows = tables.setdefault(owner, {})
         elif rows is not None and line.startswith("| `"):
             cells = [c.strip() for c in line.strip("|").split("|")]
@@ -80,13 +81,22 @@ def documented_field_tables(name: str) -> dict[str, dict[str, str]]:
     return tables
 
 
+# where a bare ``Name`` of a field table is looked up (a dotted heading is resolved as is)
+_MODULES = ["erm_surgery", "erm_surgery.surgery", "erm_surgery.training",
+            "erm_surgery.training.optim", "erm_surgery.unlearning", "erm_surgery.methods.ktp",
+            "erm_surgery.methods.esc", "erm_surgery.methods.ec", "erm_surgery.methods.baselines",
+            "erm_surgery.methods.baselines.sisa", "erm_surgery.evaluation"]
+
+
 def _find_class(name: str):
     import importlib
 
-    modules = ["erm_surgery", "erm_surgery.methods.esc", "erm_surgery.methods.ec",
-               "erm_surgery.methods.baselines", "erm_surgery.methods.sisa",
-               "erm_surgery.evaluation"]
-    for module in modules:
+    if "." in name:  # erm_surgery.path.Name: the documented path must exist
+        module, _, attr = name.rpartition(".")
+        found = getattr(importlib.import_module(module), attr, None)
+        assert found is not None, f"docs/api.md documents {name}, which does not exist"
+        return found
+    for module in _MODULES:
         found = getattr(importlib.import_module(module), name, None)
         if found is not None:
             return found
@@ -98,7 +108,9 @@ def test_api_field_tables_match_the_dataclasses():
     import dataclasses
 
     tables = documented_field_tables("api.md")
-    assert {"KTPConfig", "ERMConfig", "EvalConfig", "ESCConfig", "ECConfig"} <= set(tables)
+    owners = {owner.rpartition(".")[2] for owner in tables}
+    assert {"KTPConfig", "KTPInfo", "ERMConfig", "EvalConfig", "ESCConfig", "ECConfig",
+            "Recipe", "MethodInfo", "MethodSpec", "BaselineInfo"} <= owners
     wrong = []
     for name, documented in tables.items():
         cls = _find_class(name)
@@ -125,3 +137,43 @@ def test_api_field_tables_match_the_dataclasses():
             if written != actual:
                 wrong.append(f"{name}.{field_name}: docs {written}, code {actual}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_architecture_add_a_method_example_runs():
+    """docs/architecture.md's "add a method in one file" block, as printed, on a tiny model;
+    the registration is removed again so that no other test sees "zero_head"."""
+    import timm
+
+    import erm_surgery
+    from erm_surgery.unlearning import MethodInfo, get_method, registry
+
+    block = next(b for b in python_blocks("architecture.md") if "@register_method" in b)
+    g = torch.Generator().manual_seed(0)
+    train_set = TensorDataset(torch.randn(64, 1, 32, 32, generator=g), torch.arange(64) % 10)
+    torch.manual_seed(0)
+    model = erm_surgery.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
+    model.eval()
+    namespace = {"__name__": "docs_architecture", "model": model, "train_set": train_set}
+    assert "zero_head" not in erm_surgery.available_methods()
+    try:
+        exec(compile(block, "docs/architecture.md", "exec"), namespace)
+        x = train_set.tensors[0][:8]
+        with torch.no_grad():
+            before = model(x)
+            student = namespace["student"]  # the block's call: bias=-50.0 as an override
+            assert torch.all(student(x)[:, 3] == -50.0)
+            again = erm_surgery.unlearn(model, [3], train_set, method="zero_head")
+            after = again(x)
+        info = again.unlearning_info
+        assert type(info).__name__ == "ZeroHeadInfo" and isinstance(info, MethodInfo)
+        assert info.forget_classes == [3] and info.bias == -1e4 and info.seconds > 0
+        assert get_method("zero_head").info_cls is type(info)
+        assert torch.all(after[:, 3] == -1e4) and not torch.allclose(after[:, 3], before[:, 3])
+        keep = [c for c in range(10) if c != 3]
+        assert torch.equal(after[:, keep], before[:, keep]), "only the forget logits change"
+        assert again.erm.forgotten_classes == [3] and model.erm.forgotten_classes == []
+        with pytest.raises(TypeError, match="bias"):
+            erm_surgery.unlearn(model, [3], train_set, method="zero_head", lr=0.1)
+    finally:
+        registry._METHODS.pop("zero_head", None)
+    assert "zero_head" not in erm_surgery.available_methods()

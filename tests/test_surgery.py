@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import erm_surgery as E
-from erm_surgery.mask import apply_channel_mask
+from erm_surgery.surgery.mask import apply_channel_mask
 
 TIMM = [
     "resnet18", "resnet50", "resnext50_32x4d", "efficientnet_b0", "mobilenetv3_large_100",

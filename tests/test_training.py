@@ -13,12 +13,12 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 import erm_surgery as E
-from erm_surgery import metrics
 from erm_surgery.data import load_mnist5k
-from erm_surgery.losses import ERMConfig, erm_loss, inner_product, is_erm_epoch, l1_hinge
-from erm_surgery.mask import ERMMask
-from erm_surgery.prohibition import prohibition_accuracy
+from erm_surgery.evaluation.prohibition import prohibition_accuracy
+from erm_surgery.surgery.mask import ERMMask
+from erm_surgery.training import g_metrics as metrics
 from erm_surgery.training import train
+from erm_surgery.training.losses import ERMConfig, erm_loss, inner_product, is_erm_epoch, l1_hinge
 
 HERE = Path(__file__).parent
 
@@ -228,8 +228,8 @@ def test_bf16_autocast_and_channels_last_on_cpu(mnist_small, fresh_accelerate_st
     KTP; the numbers stay close to the fp32 NCHW run."""
     from accelerate.state import AcceleratorState
 
+    from erm_surgery.methods.ktp import KTPConfig, ktp
     from erm_surgery.training import make_accelerator
-    from erm_surgery.unlearning import KTPConfig, ktp
 
     train_set, test_set = mnist_small
     train_set = Subset(train_set, range(512))

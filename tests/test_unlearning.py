@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import erm_surgery as E
 from erm_surgery.data import load_mnist5k
-from erm_surgery.unlearning import KTPConfig, available_methods, ktp, unlearn, unlearn_checkpoint
+from erm_surgery.methods.ktp import KTPConfig, ktp
+from erm_surgery.unlearning import available_methods, unlearn, unlearn_checkpoint
 
 FAST = KTPConfig(show_progress=False)
 # mechanics-only tests distil one epoch on 600 samples; quality tests use the defaults
@@ -126,7 +127,7 @@ def test_logit_term_runs_from_the_same_forward_and_keeps_the_guarantee(trained):
 
 
 def test_retain_label_loss_ignores_samples_without_a_label():
-    from erm_surgery.unlearning import _retain_label_loss
+    from erm_surgery.methods.ktp.ktp import _retain_label_loss
 
     logits = torch.randn(4, 10)
     assert _retain_label_loss(logits, torch.full((4,), -100)) == 0  # not NaN
@@ -222,7 +223,7 @@ class NoLabels(Dataset):
 @pytest.mark.parametrize(
     "classes,match",
     [([], "no classes"), ([1, 1], "duplicate"), ([10], "0..9"), ([-1], "0..9"),
-     (list(range(10)), "every class"), (["a"], "integers")],
+     (list(range(10)), "every class"), (["a"], "integer class ids")],
 )
 def test_bad_requests(trained, classes, match):
     teacher, train_set, _ = trained
@@ -260,7 +261,7 @@ class TwoHeadNet(torch.nn.Module):
 def test_parallel_heads_are_both_blocked(trained):
     _, train_set, _ = trained
     model = E.attach(TwoHeadNet(), input_size=(1, 32, 32))
-    from erm_surgery.surgery import head_roles
+    from erm_surgery.methods.ktp.fkt import head_roles
 
     assert head_roles(model) == (["head", "head_dist"], ["head", "head_dist"])
     student = unlearn(model, [2], Subset(train_set, range(300)), config=QUICK)
@@ -273,7 +274,7 @@ def test_parallel_heads_are_both_blocked(trained):
 
 
 def test_head_roles_of_a_sequential_head():
-    from erm_surgery.surgery import head_roles
+    from erm_surgery.methods.ktp.fkt import head_roles
 
     model = E.attach(timm.create_model("mobilenetv3_small_050", num_classes=10),
                      input_size=(3, 64, 64))
@@ -293,9 +294,17 @@ def test_unlearn_checkpoint_refuses_a_method_load_cannot_rebuild(trained, tmp_pa
     path = E.save(teacher, tmp_path / "model.safetensors")
     before = path.read_bytes()
     base = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    data = Subset(train_set, range(300))
+    # sisa returns an ensemble, which load() cannot rebuild: refused before any work
     with pytest.raises(E.UnlearningError, match="cannot rebuild"):
-        unlearn_checkpoint(path, [4], Subset(train_set, range(300)), base, method="esc")
+        unlearn_checkpoint(path, [4], data, base, method="sisa")
     assert path.read_bytes() == before
+    # ESC adds projection modules; load() rebuilds them, so its result can replace the file
+    info = unlearn_checkpoint(path, [4], data, base, method="sisa")
+    assert info.method == "esc" and path.read_bytes() != before
+    reloaded = E.load(path, base)
+    assert "esc_projection" in dict(reloaded.model.named_modules())
+    assert E.read_metadata(path)["extra"]["unlearning"]["method"] == "esc"
 
 
 def test_ktp_leaves_the_global_rng_and_rejects_a_foreign_config(trained):

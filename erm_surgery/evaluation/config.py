@@ -6,16 +6,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import ERMError
+from ..data import check_class_ids
+from ..errors import EvaluationError
 
 __all__ = ["EvalConfig", "EvaluationError", "METRICS", "check_metrics", "check_forget_classes"]
 
 #: Every metric :func:`evaluate` knows, in the order they are computed and reported.
 METRICS: tuple[str, ...] = ("accuracy", "mia", "probe", "cka", "knn", "relearn", "erm")
-
-
-class EvaluationError(ERMError):
-    """An evaluation request is invalid (no forget classes, unknown metric, bad config...)."""
 
 
 @dataclass
@@ -130,30 +127,9 @@ def check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
 
 def check_forget_classes(forget_classes: Iterable[int] | int, num_classes: int) -> list[int]:
     """``forget_classes`` as a sorted list of distinct ints in ``0..num_classes - 1``."""
-    if isinstance(forget_classes, int):
-        forget_classes = [forget_classes]
-    try:
-        raw = list(forget_classes)
-    except TypeError as err:
-        raise EvaluationError(
-            f"forget_classes must be a list of class ids, got {type(forget_classes).__name__}"
-        ) from err
-    classes: list[int] = []
-    for c in raw:
-        # bool is an int subclass, floats like 2.0 are a likely slip: both are rejected
-        if isinstance(c, bool) or not hasattr(c, "__index__"):
-            raise EvaluationError(f"forget_classes must hold integer class ids, got {c!r}")
-        classes.append(int(c.__index__()))
-    if not classes:
-        raise EvaluationError("forget_classes is empty: name at least one class to evaluate "
-                              "forgetting on")
-    bad = sorted({c for c in classes if not 0 <= c < num_classes})
-    if bad:
-        raise EvaluationError(
-            f"forget class id(s) {bad} out of range: the model has {num_classes} classes "
-            f"(ids 0..{num_classes - 1})")
-    out = sorted(set(classes))
-    if len(out) == num_classes:
+    classes = sorted(set(check_class_ids(forget_classes, num_classes, error=EvaluationError,
+                                         name="forget_classes")))
+    if len(classes) == num_classes:
         raise EvaluationError("forget_classes covers every class: there is nothing left to "
                               "retain, so retain accuracy and the probe are undefined")
-    return out
+    return classes

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import metrics as M
+from ..training import g_metrics as M
 
 __all__ = ["ERMDiagnostics", "erm_diagnostics"]
 

@@ -1,9 +1,9 @@
 """Intermediate activations for layer-wise CKA, found and extracted with torch.fx.
 
 Layers are named like ``torchvision.models.feature_extraction`` names them (``layer3``,
-``stages.2.blocks.1.conv_dw``...), traced with the same leaf rules timm uses for its own
-feature extraction (``timm.layers.get_notrace_modules`` / ``get_notrace_functions``), so a
-layer name means the same node in the evaluated, original and retrained models.
+``stages.2.blocks.1.conv_dw``...), traced with the library's one tracer and leaf rules
+(:func:`erm_surgery.surgery.tracing.trace_with_names`), so a layer name means the same node
+in the evaluated, original and retrained models.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..surgery import model_device
+from ..surgery import model_device, stage_names
+from ..surgery.tracing import trace_with_names, tracer_kwargs
 from .cka import centered_gram
 from .config import EvaluationError
 from .features import progress
 from .models import split_batch
 
-__all__ = ["LayerNode", "fx_tracer_kwargs", "activation_nodes", "stage_names", "choose_layers",
+__all__ = ["LayerNode", "activation_nodes", "stage_names", "choose_layers",
            "match_layers", "activation_grams"]
 
 
@@ -36,37 +37,11 @@ class LayerNode:
     shape: tuple[int, ...]
 
 
-def fx_tracer_kwargs() -> dict[str, Any]:
-    """Tracer settings: timm's no-trace modules and functions, torchvision's op leaves."""
-    leaf: list[type] = []
-    wrap: list[Any] = []
-    try:
-        from timm.layers import _fx as timm_fx
-
-        leaf += list(timm_fx.get_notrace_modules())
-        # timm may register a function by name; the fx tracer wants the callable
-        wrap += [f for f in timm_fx.get_notrace_functions() if callable(f)]
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    kwargs: dict[str, Any] = {"leaf_modules": leaf, "autowrap_functions": wrap}
-    try:  # private helper: adds torchvision.ops leaves and math/torchvision.ops autowrap
-        from torchvision.models.feature_extraction import _set_default_tracer_kwargs
-
-        kwargs = _set_default_tracer_kwargs(kwargs)
-    except ImportError:  # pragma: no cover - older/newer torchvision
-        pass
-    return kwargs
-
-
 def _trace(module: nn.Module) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
-    from torchvision.models.feature_extraction import NodePathTracer
-
     was_training = module.training
     module.eval()  # CKA is measured in eval mode, so trace the eval graph
     try:
-        tracer = NodePathTracer(**fx_tracer_kwargs())
-        graph = tracer.trace(module)
-        return fx.GraphModule(tracer.root, graph), dict(tracer.node_to_qualname)
+        return trace_with_names(module)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError...
         raise EvaluationError(
             f"torch.fx cannot trace {type(module).__name__} for layer-wise CKA: "
@@ -121,22 +96,6 @@ def _evenly(items: Sequence[str], k: int) -> list[str]:
 #: timm's ConvNeXt head) are not feature stages.
 _HEAD_NAMES = frozenset({"head", "fc", "classifier", "global_pool", "avgpool", "pre_logits",
                          "head_drop", "last_linear"})
-
-
-def stage_names(module: nn.Module) -> list[str] | None:
-    """The stage outputs a timm model declares in ``feature_info`` (module names), if any.
-
-    timm lists, per architecture, the modules whose outputs are its feature pyramid
-    (``layer1..4`` of a ResNet, ``stages.0..3`` of a ConvNeXt, ``blocks.N`` of an
-    EfficientNet): the natural depths for layer-wise CKA. A wrapper around a timm model
-    is searched too, and the names get the wrapper's prefix.
-    """
-    for prefix, m in module.named_modules():
-        info = m.__dict__.get("feature_info")  # no __getattr__ fallbacks (attached models)
-        if isinstance(info, list) and info and all(
-                isinstance(d, dict) and isinstance(d.get("module"), str) for d in info):
-            return [f"{prefix}.{d['module']}" if prefix else d["module"] for d in info]
-    return None
 
 
 def choose_layers(nodes: Sequence[LayerNode] | Sequence[str], max_layers: int = 6,
@@ -240,7 +199,7 @@ def activation_grams(
     was_training = module.training
     try:
         extractor = create_feature_extractor(
-            module, return_nodes=list(names), tracer_kwargs=fx_tracer_kwargs(),
+            module, return_nodes=list(names), tracer_kwargs=tracer_kwargs(),
             suppress_diff_warning=True)
     except Exception as err:
         raise EvaluationError(f"cannot build the CKA feature extractor for {list(names)}: "

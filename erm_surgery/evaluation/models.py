@@ -12,8 +12,9 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from ..errors import EvaluationError, SurgeryError
+from ..surgery import find_classifier as surgery_find_classifier
 from ..surgery import model_device
-from .config import EvaluationError
 
 __all__ = [
     "plain_module",
@@ -33,62 +34,14 @@ def plain_module(model: nn.Module) -> nn.Module:
     return getattr(model, "model", model) if hasattr(model, "erm") else model
 
 
-def _name_of(model: nn.Module, module: nn.Module) -> str | None:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    return None
-
-
-def _is_classifier_conv(m: nn.Module, num_classes: int | None) -> bool:
-    return (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
-            and (num_classes is None or m.out_channels == num_classes))
-
-
 def find_classifier(
     model: nn.Module, num_classes: int | None = None, name: str | None = None
 ) -> tuple[str, nn.Module] | None:
-    """The final classifier layer of ``model`` as ``(qualified name, module)``.
-
-    Order of preference: the module called ``name``; timm's ``get_classifier()`` when it
-    returns a Linear or 1x1 Conv2d; the last ``nn.Linear`` producing ``num_classes``
-    outputs; the last 1x1 ``Conv2d`` producing ``num_classes`` channels (SqueezeNet-style
-    heads); the last ``nn.Linear``. Returns None when nothing fits.
-
-    Raises:
-        EvaluationError: ``name`` is given but is not a submodule of ``model``.
-    """
-    if name is not None:
-        for root in (model, plain_module(model)):
-            try:
-                module = root.get_submodule(name)
-            except AttributeError:
-                continue
-            return (_name_of(model, module) or name), module
-        choices = [n for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) or _is_classifier_conv(m, None)]
-        raise EvaluationError(f"classifier {name!r} is not a submodule of the model; "
-                              f"Linear / 1x1 conv layers it has: {choices[-8:]}")
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        try:
-            head = get_classifier()
-        except Exception:  # a broken helper only means "look at the modules instead"
-            head = None
-        if isinstance(head, nn.Linear) or _is_classifier_conv(head, None):
-            found = _name_of(model, head)
-            if found is not None:
-                return found, head
-    modules = list(model.named_modules())
-    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear)]
-    if num_classes is not None:
-        exact = [(n, m) for n, m in linears if m.out_features == num_classes]
-        if exact:
-            return exact[-1]
-        convs = [(n, m) for n, m in modules if _is_classifier_conv(m, num_classes)]
-        if convs:
-            return convs[-1]
-    return linears[-1] if linears else None
+    """:func:`erm_surgery.surgery.find_classifier` with the evaluation's error type."""
+    try:
+        return surgery_find_classifier(model, num_classes, name=name)
+    except SurgeryError as err:
+        raise EvaluationError(str(err)) from err
 
 
 def pool_classifier_input(x: torch.Tensor, classifier: nn.Module) -> torch.Tensor:

@@ -1,11 +1,16 @@
-"""Unlearning methods beyond KTP, one module each, registered on import.
+"""Unlearning methods, one package or module each, registered on import.
 
-Each module defines ``fn(model, classes, data, *, config=None, accelerator=None, **kw)``
-returning ``(unlearned_model, info)`` and calls
-``erm_surgery.unlearning.register_method(name, fn)`` at import time; this package imports
-them all so ``erm_surgery.unlearn(..., method=name)`` finds them.
+Each method is a function decorated with
+:func:`erm_surgery.unlearning.register_method` (its config class, info class and what it
+needs); importing this package registers them all, so
+``erm_surgery.unlearn(..., method=name)`` finds them. How to add one:
+docs/architecture.md.
+
+- :mod:`.ktp`: ``ktp`` (the default);
+- :mod:`.esc`: ``esc``, ``esc_t`` (training-free);
+- :mod:`.ec`: ``ec``, ``ktp_ec`` (Erase-at-the-Core);
+- :mod:`.baselines`: ``retrain``, ``finetune``, ``random_labels``, ``neggrad``,
+  ``amnesiac``, ``fisher``, ``sisa``.
 """
 
-from . import ec, esc  # noqa: F401  (ESC, ESC-T, EC and KTP+EC: docs/methods.md)
-from .baselines import BASELINES  # noqa: F401  (registers retrain, finetune, ... : baselines.md)
-from .sisa import train_sisa  # noqa: F401  (registers sisa: docs/baselines.md)
+from . import baselines, ec, esc, ktp  # noqa: F401  (registration on import)

@@ -1,0 +1,115 @@
+"""KTP's settings (:class:`KTPConfig`) and what a request reports (:class:`KTPInfo`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...training.optim import Recipe
+from ...unlearning.request import MethodInfo
+
+__all__ = ["KTPConfig", "KTPInfo"]
+
+
+@dataclass(kw_only=True)
+class KTPConfig(Recipe):
+    """Hyperparameters of KTP.
+
+    The fields of :class:`~erm_surgery.training.optim.Recipe` with KTP's defaults
+    (``epochs`` = distillation epochs of the student, Adam at ``lr`` 0.005 with a cosine
+    schedule to 0, batch 32; ``seed`` also seeds the student's re-initialisation), and:
+
+    Attributes:
+        threshold: a channel is prohibited when a forget class has ``G[c, k] > threshold``
+            (0 = the reference code: any use prohibits; the paper defines only 0 and 1).
+        distill_on: ``"retain"`` (the student never sees the forget classes, like a
+            retrained model) or ``"all"`` (forget samples too, with their prohibited
+            channels as zero targets).
+        pooled_weight: weight of the MSE on the spatially pooled map (reference code: 1).
+        logit_weight: weight of a distillation term on logits: KL divergence between the
+            (already prohibited) head applied to the teacher's masked map and to the
+            student's map, at ``temperature`` (0 = the paper's feature MSE only).
+        temperature: softmax temperature of that term.
+        label_weight: weight of a cross-entropy term on the retain samples' labels, through
+            the student's prohibited head (0 = the paper's feature MSE only). The forget
+            classes' logits are blocked, so this term cannot teach them back.
+        train_head: fine-tune the head along with that term. Only the entries FKT keeps
+            train: the inputs from prohibited channels and the forget classes' rows stay
+            blocked after every step. Off by default: measured, it adds nothing over the
+            label term alone (benchmarks/results/ktp_recipe.md).
+        cache_teacher: compute the teacher's masked maps once; ``None`` = when the data has
+            no random transform (TensorDataset, or no ``transform`` attribute) and one
+            process runs.
+        forget_bias: bias given to the forget classes' zeroed rows.
+        entanglement_warning: warn when a retain class loses more than this fraction of the
+            channels it uses (knowledge entanglement).
+        channels_last: NHWC student and inputs (faster convolutions on GPUs with AMP).
+        num_workers: DataLoader worker processes for reading and augmenting images (0 =
+            in the main process; raise it for image folders with decoding and transforms).
+    """
+
+    epochs: int = 2
+    lr: float = 0.005
+    optimizer: str = "adam"
+    batch_size: int = 32
+    threshold: float = 0.0
+    distill_on: str = "retain"
+    pooled_weight: float = 1.0
+    logit_weight: float = 0.0
+    temperature: float = 4.0
+    label_weight: float = 1.0
+    train_head: bool = False
+    cache_teacher: bool | None = None
+    forget_bias: float = -1e4
+    entanglement_warning: float = 0.3
+    num_workers: int = 0
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.distill_on not in ("retain", "all"):
+            raise ValueError(f"distill_on must be 'retain' or 'all', got {self.distill_on!r}")
+        if self.label_weight < 0 or self.logit_weight < 0:
+            raise ValueError("label_weight and logit_weight must be >= 0")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> KTPConfig:
+        """The reference code's recipe (feature MSE only, fixed FKT head, SGD at lr 0.1),
+        for 2 epochs: what this library ran before the retain-label term."""
+        fields = dict(epochs=2, lr=0.1, optimizer="sgd", label_weight=0.0, train_head=False)
+        return cls(**{**fields, **overrides})
+
+
+@dataclass(kw_only=True)
+class KTPInfo(MethodInfo):
+    """What one KTP request did (also kept on the student as ``unlearning_info``).
+
+    Attributes (besides :class:`MethodInfo`'s):
+        threshold: the prohibition threshold used.
+        prohibited_channels: channels prohibited (of ``num_channels``).
+        num_channels: K.
+        channels_per_forget_class: channels each forget class used.
+        retain_channels_lost: per retain class, the fraction of its channels prohibited.
+        distill_on: ``"retain"`` or ``"all"``.
+        epochs: distillation epochs.
+        samples: distillation samples.
+        final_mse: feature MSE of the last batch.
+        not_reinitialised: parameters no ``reset_parameters`` reached.
+        config: the recipe, for the record.
+    """
+
+    threshold: float
+    prohibited_channels: int
+    num_channels: int
+    channels_per_forget_class: dict[int, int]
+    retain_channels_lost: dict[int, float]
+    distill_on: str
+    epochs: int
+    samples: int
+    final_mse: float
+    not_reinitialised: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,289 @@
+"""KTP: Knowledge Transfer and Prohibition (ERM-KTP paper, section 4.2-4.3, Algorithms 2-3).
+
+``unlearn(model, classes, data)`` returns a *fresh* student (this module is CKT's loop and
+GKT; FKT's head surgery is :mod:`.fkt`, the settings :mod:`.config`):
+
+- **CKT**: a re-initialised copy of the architecture is trained so that its feature map
+  matches the teacher's map times ``Gbar`` (the channels no forget class uses), MSE on the
+  map plus MSE on the pooled vector. The teacher runs in eval mode without grad; its
+  masked maps are computed once and cached when the data is deterministic.
+- **FKT**: the teacher's head is copied; its inputs from prohibited channels are zeroed,
+  and the forget classes' rows are zeroed with a bias of ``forget_bias``, so their logit is
+  a constant far below any retained logit.
+- **Retain labels** (ours, not in the paper; ``label_weight``): the same distillation
+  steps also take a cross-entropy on the retain samples' labels through the fixed FKT
+  head, so the student's features fit the head that remains after the cut. With Adam this
+  closes the retain-accuracy gap of the paper's recipe (benchmarks/results/ktp_recipe.md);
+  ``KTPConfig.paper()`` turns it off.
+- **GKT**: ``G`` is copied with the forget rows zeroed and ``erm.forgotten`` set, so the
+  model itself records which classes are gone (saved in checkpoints).
+
+The teacher object is never modified; ``unlearn_checkpoint`` replaces a checkpoint file
+atomically so no copy of the teacher is left behind (Algorithm 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from ...data import shuffled_loader
+from ...errors import UnlearningError, warn_user
+from ...surgery import ERMModel, attach
+from ...training.optim import cosine_schedule
+from ...unlearning.registry import register_method
+from ...unlearning.request import parse_request, reinitialised, seeded_rng
+from .config import KTPConfig, KTPInfo
+from .fkt import head_layers, transfer_head
+
+__all__ = ["ktp"]
+
+
+def _fresh_student(teacher: ERMModel, student: nn.Module | None,
+                   seed: int) -> tuple[ERMModel, list[str]]:
+    """A re-initialised model of the teacher's architecture, attached at the same place."""
+    if student is not None:
+        s = attach(student, feature_node=teacher.surgery.feature_node,
+                   head=teacher.surgery.head)
+        if (s.surgery.num_classes, s.surgery.num_channels) != (
+                teacher.surgery.num_classes, teacher.surgery.num_channels):
+            raise UnlearningError("student= must have the teacher's architecture and class "
+                                  "count")
+        s.to(teacher.erm.G.device)
+        return s, []
+    return reinitialised(teacher, seed)
+
+
+def _entanglement(G: torch.Tensor, forget: Sequence[int], keep: torch.Tensor,
+                  threshold: float, forgotten: Sequence[int]) -> tuple[dict, dict]:
+    used = G > threshold
+    per_forget = {c: int(used[c].sum()) for c in forget}
+    lost = {}
+    for r in range(G.shape[0]):
+        if r in forget or r in forgotten:
+            continue
+        own = used[r]
+        lost[r] = float((own & ~keep).sum() / own.sum().clamp_min(1))
+    return per_forget, lost
+
+
+class _Indexed(Dataset):
+    """Yields ``(x, index)`` so cached teacher targets can be looked up per sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.dataset[i][0], i
+
+
+def _deterministic(dataset: Dataset) -> bool:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorDataset) or getattr(dataset, "transform", None) is None
+
+
+def _distill_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int,
+                  pooled_weight: float) -> torch.Tensor:
+    spatial = [d for d in (1, 2, 3) if d != channel_dim]
+    loss = F.mse_loss(out, target)
+    if pooled_weight:
+        loss = loss + pooled_weight * F.mse_loss(out.mean(spatial), target.mean(spatial))
+    return loss
+
+
+def _retain_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the samples with a label (-100 = none); 0 for a batch without."""
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return loss / (labels != -100).sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------- KTP
+
+
+@register_method("ktp", config=KTPConfig, info=KTPInfo, needs_attached=True, group="ktp",
+                 summary="Knowledge Transfer and Prohibition: a fresh student distilled from "
+                         "the masked teacher (ERM-KTP, CVPR 2023)")
+def ktp(
+    model: ERMModel,
+    classes: Iterable[int],
+    data: Dataset | DataLoader,
+    *,
+    config: KTPConfig,
+    accelerator: Any = None,
+    student: nn.Module | None = None,
+) -> tuple[ERMModel, KTPInfo]:
+    """Knowledge Transfer and Prohibition; returns ``(student, info)``. See :func:`unlearn`.
+
+    Runs under its own random state seeded with ``config.seed`` (the student's
+    initialisation, data order, dropout), so the result does not depend on, and does not
+    advance, the caller's global torch RNG.
+    """
+    with seeded_rng(config.seed):
+        return _ktp(model, classes, data, config, accelerator, student)
+
+
+def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
+         config: KTPConfig, accelerator: Any, student: nn.Module | None,
+         ) -> tuple[ERMModel, KTPInfo]:
+    from tqdm.auto import tqdm
+
+    from ...training import make_accelerator
+
+    request = parse_request(model, classes, data, require_attached=True)
+    forget = request.forget
+    if config.logit_weight and not model.has_head_graph:
+        raise UnlearningError("logit_weight needs a head that reads only the feature map; "
+                              "this model's head reads other tensors too. Use "
+                              "logit_weight=0")
+    label_weight = config.label_weight
+    if label_weight and not model.has_head_graph:
+        warn_user("KTP: this model's head is not a function of the feature map alone "
+                      "(it reads other tensors), so the retain-label term (label_weight) "
+                      "is skipped; only the feature distillation runs")
+        label_weight = 0.0
+    acc = accelerator or make_accelerator()
+    teacher = model
+    device = acc.device
+
+    dataset = request.dataset
+    idx = (request.retain_idx if config.distill_on == "retain"
+           else list(range(len(request.labels))))
+    distill_set = Subset(dataset, idx)
+
+    G = teacher.erm.G.detach()
+    keep = teacher.erm.keep_mask(forget, config.threshold)
+    per_forget, lost = _entanglement(G, forget, keep, config.threshold,
+                                     teacher.erm.forgotten_classes)
+    entangled = {r: f for r, f in lost.items() if f > config.entanglement_warning}
+    if entangled:
+        warn_user(
+            f"knowledge entanglement: prohibiting the channels of classes {forget} also "
+            f"removes {', '.join(f'{f:.0%} of class {r}' for r, f in entangled.items())}'s "
+            "channels; their accuracy may drop. Train longer with ERM or raise threshold=.")
+
+    s, same = _fresh_student(teacher, student, config.seed)
+    s.train()
+    teacher_mode = teacher.training
+    teacher_device = teacher.erm.G.device
+    teacher.eval()
+    teacher.to(device)  # moved back below: the caller's model is not changed
+    keep_f = keep.to(device=device, dtype=torch.float32)
+    cd = teacher.surgery.channel_dim
+    shape = [1, 1, 1, 1]
+    shape[cd] = keep.numel()
+    keep_map = keep_f.view(shape)
+
+    # FKT first: the prohibited head feeds the label and logit terms during distillation
+    blocked = transfer_head(teacher, s, keep.to(s.erm.G.device), forget, config.forget_bias)
+    head_terms = bool(label_weight or config.logit_weight)
+    # the head trains only when a term reaches it; otherwise DDP would wait for its grads
+    train_head = config.train_head and head_terms
+    head_params = {id(p) for _, m in head_layers(s) for p in m.parameters()}
+    frozen = [p for p in s.parameters()
+              if p is s.erm.G or (id(p) in head_params and not train_head)]
+    if label_weight:
+        labels = torch.full_like(request.labels, -100)  # forget samples never meet a label
+        labels[request.retain_idx] = request.labels[request.retain_idx]
+        distill_labels = labels[torch.as_tensor(idx, dtype=torch.long)].to(device)
+    for p in frozen:  # unused by the distillation: DDP must not wait for their gradients
+        p.requires_grad_(False)
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    opt = config.build_optimizer(params)
+    loader = shuffled_loader(_Indexed(distill_set), config.batch_size, seed=config.seed,
+                             num_workers=config.num_workers)
+    total = max(1, len(loader) * config.epochs)
+    sched = cosine_schedule(opt, total)
+
+    cache = config.cache_teacher
+    if cache is None:
+        cache = acc.num_processes == 1 and _deterministic(dataset)
+    targets: torch.Tensor | None = None
+    bar_total = total + (math.ceil(len(distill_set) / (2 * config.batch_size)) if cache else 0)
+    progress = tqdm(total=bar_total, desc="KTP", unit="batch", dynamic_ncols=True,
+                    disable=not (config.show_progress and acc.is_main_process))
+    with torch.no_grad():
+        if cache:  # one teacher pass, in dataset order
+            progress.set_description("KTP teacher pass")
+            parts = []
+            for x, _ in DataLoader(distill_set, batch_size=2 * config.batch_size,
+                                   num_workers=config.num_workers):
+                parts.append(teacher.forward_features(x.to(device)) * keep_map)
+                progress.update(1)
+            targets = torch.cat(parts)
+
+    if config.channels_last:
+        s.to(memory_format=torch.channels_last)
+    wrapped, opt, loader, sched = acc.prepare(s, opt, loader, sched)
+    last = torch.zeros((), device=device)
+    progress.set_description("KTP distillation")
+    for _ in range(config.epochs):
+        for x, i in loader:
+            if config.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if targets is not None:
+                target = targets[i.to(targets.device)]
+            else:
+                with torch.no_grad():
+                    target = teacher.forward_features(x) * keep_map
+            if head_terms:  # features and logits from one pass, through DDP's forward
+                out, logits = wrapped(x, return_features="both")
+            else:
+                out = wrapped(x, return_features=True)
+            target = target.to(out.dtype)
+            distill = _distill_loss(out, target, cd, config.pooled_weight)
+            loss = distill
+            if label_weight:
+                y = distill_labels[i.to(device)]
+                loss = loss + label_weight * _retain_label_loss(logits, y)
+            if config.logit_weight:
+                head = acc.unwrap_model(wrapped).forward_head
+                with torch.no_grad():
+                    soft = F.softmax(head(target) / config.temperature, dim=1)
+                log_p = F.log_softmax(logits / config.temperature, dim=1)
+                loss = loss + config.logit_weight * config.temperature ** 2 * F.kl_div(
+                    log_p, soft, reduction="batchmean")
+            acc.backward(loss)
+            opt.step()
+            if train_head:  # weight decay and momentum must not reopen what FKT blocked
+                for block in blocked:
+                    block.apply()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            last = distill.detach()
+            progress.update(1)
+    progress.close()
+    teacher.train(teacher_mode)
+    teacher.to(teacher_device)
+
+    s = acc.unwrap_model(wrapped)
+    for p in frozen:
+        p.requires_grad_(True)
+    with torch.no_grad():  # GKT
+        s.erm.G.copy_(teacher.erm.G)
+        s.erm.forgotten.copy_(teacher.erm.forgotten)
+        s.erm.forgotten[forget] = True
+        s.erm.G[s.erm.forgotten] = 0
+    s.eval()
+    info = KTPInfo(
+        method="ktp", forget_classes=forget, threshold=config.threshold,
+        prohibited_channels=int((~keep).sum()), num_channels=keep.numel(),
+        channels_per_forget_class=per_forget, retain_channels_lost=lost,
+        distill_on=config.distill_on, epochs=config.epochs, samples=len(distill_set),
+        final_mse=float(last),
+        not_reinitialised=same,
+        config={k: v for k, v in asdict(config).items()
+                if k not in ("show_progress", "num_workers")})
+    return s, info
+
+

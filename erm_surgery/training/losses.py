@@ -1,0 +1,138 @@
+"""ERM loss pieces (paper Eq. 3-7), usable from any training loop.
+
+``erm_loss(model, x, y, config)`` is the ERM-path objective; the regularisers take ``G``
+alone, so a loop that already computes its own CE can add them. Nothing here syncs with
+the host: every function returns tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..surgery.mask import ERMMask
+
+__all__ = ["ERMConfig", "l1_hinge", "inner_product", "erm_loss", "find_mask", "is_erm_epoch"]
+
+
+@dataclass
+class ERMConfig:
+    """Hyperparameters of ERM training (paper Eq. 7 and Algorithm 1).
+
+    Loss on the ERM path: ``lambda1 * CE + lambda2 * L1-hinge(G) + lambda3 * inner(G)``.
+
+    Attributes:
+        lambda1: weight of the ERM-path cross-entropy.
+        lambda2: weight of the L1 hinge ``|| relu(||G_c||_1 - alpha / C) ||_p`` (per class
+            row; with p=1 and every row over budget it equals the reference code's
+            ``relu(||G||_1 - alpha)``).
+        lambda3: weight of the inner-product term ``sum_{c1<c2} <G_c1, G_c2>``.
+        target_density: the L1 budget as a fraction of ``C * K`` (``alpha = density*C*K``);
+            ignored when ``alpha`` is given.
+        alpha: the L1 budget of the whole matrix, directly.
+        p: the norm over class rows of the hinge.
+        erm_every: one ERM epoch every ``erm_every`` epochs (2 = alternate, 3 = the
+            reference code's "1 in 3", 1 = ERM path only).
+        warmup_epochs: STD epochs before the first ERM epoch.
+        projection: ``"row"`` (paper: each class row divided by its max) or ``"channel"``
+            (reference code: each channel divided by its max over classes); then clip [0, 1].
+        g_lr: learning rate of ``G``'s own optimiser (Adam: its step is about ``g_lr`` per
+            entry whatever the loss scale, so ``G`` settles in a few epochs instead of the
+            paper's hundreds).
+    """
+
+    lambda1: float = 1.0
+    lambda2: float = 3e-4
+    lambda3: float = 1.5e-4
+    target_density: float = 0.1
+    alpha: float | None = None
+    p: float = 1.0
+    erm_every: int = 2
+    warmup_epochs: int = 1
+    projection: str = "row"
+    g_lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.erm_every < 1:
+            raise ValueError(f"erm_every must be >= 1, got {self.erm_every}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0.0 < self.target_density <= 1.0:
+            raise ValueError(f"target_density must be in (0, 1], got {self.target_density}")
+        if self.projection not in ("row", "channel"):
+            raise ValueError(f"projection must be 'row' or 'channel', got {self.projection!r}")
+        if self.p <= 0:
+            raise ValueError(f"p must be > 0, got {self.p}")
+
+    def budget(self, num_classes: int, num_channels: int) -> float:
+        """``alpha``: the L1 budget of the whole ``G``."""
+        if self.alpha is not None:
+            return float(self.alpha)
+        return self.target_density * num_classes * num_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_erm_epoch(epoch: int, config: ERMConfig) -> bool:
+    """Whether 0-based ``epoch`` takes the ERM path under ``config``'s schedule."""
+    if epoch < config.warmup_epochs:
+        return False
+    return (epoch - config.warmup_epochs) % config.erm_every == config.erm_every - 1
+
+
+def l1_hinge(G: torch.Tensor, alpha: float, p: float = 1.0) -> torch.Tensor:
+    """``|| relu(||G_c||_1 - alpha / C) ||_p`` over class rows ``c``."""
+    over = F.relu(G.abs().sum(dim=1) - alpha / G.shape[0])
+    if p == 1:
+        return over.sum()
+    return over.norm(p=p)
+
+
+def inner_product(G: torch.Tensor) -> torch.Tensor:
+    """``sum_{c1 < c2} <G_c1, G_c2>`` in O(C*K): half of ``||sum_c G_c||^2 - sum ||G_c||^2``."""
+    total = G.sum(dim=0)
+    return 0.5 * (total.pow(2).sum() - G.pow(2).sum())
+
+
+def find_mask(model: nn.Module) -> ERMMask:
+    """The ``ERMMask`` of an attached model, also through DDP, Accelerate or torch.compile."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and not hasattr(model, "erm"):
+            model = getattr(model, attr)
+    mask = getattr(model, "erm", None)
+    if not isinstance(mask, ERMMask):
+        raise TypeError("the model has no ERM mask: call erm_surgery.attach(model) first")
+    return mask
+
+
+def erm_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ERMConfig | None = None,
+    *,
+    return_terms: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ERM-path objective for one batch (one forward pass).
+
+    ``model`` is an attached model, possibly wrapped (DDP, ``accelerator.prepare``).
+    Returns the scalar loss, or ``(loss, terms)`` with the detached ``ce``, ``l1``,
+    ``inner`` parts and the ERM-path ``logits``.
+    """
+    config = config or ERMConfig()
+    G = find_mask(model).G
+    logits = model(x, labels=y)
+    ce = F.cross_entropy(logits, y)
+    l1 = l1_hinge(G, config.budget(*G.shape), config.p)
+    inner = inner_product(G)
+    loss = config.lambda1 * ce + config.lambda2 * l1 + config.lambda3 * inner
+    if not return_terms:
+        return loss
+    terms = {"ce": ce.detach(), "l1": l1.detach(), "inner": inner.detach(),
+             "logits": logits.detach()}
+    return loss, terms

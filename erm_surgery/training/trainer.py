@@ -1,0 +1,420 @@
+"""ERM alternate training (paper Algorithm 1) on Hugging Face Accelerate.
+
+``train(model, data, epochs=...)`` runs on one CPU, one or many GPUs, and under
+``torchrun`` / ``accelerate launch`` unchanged. STD epochs update the weights with plain
+cross-entropy; ERM epochs update the weights and ``G`` with :func:`erm_loss`, then project
+``G``. ``G`` has its own Adam optimiser, stepped only on ERM epochs, so momentum or weight
+decay never move it during STD epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoint import atomic_write, save
+from ..data import as_dataset, shuffled_loader
+from ..errors import CheckpointError
+from ..surgery import ERMModel
+from . import g_metrics as metrics
+from .losses import ERMConfig, erm_loss, is_erm_epoch
+from .optim import cosine_schedule, make_optimizer
+
+__all__ = ["EpochStats", "TrainResult", "ERMTrainer", "train", "make_accelerator",
+           "std_accuracy"]
+
+_STATE_FILE = "trainer_state.pt"
+_MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class EpochStats:
+    """One row of the training history.
+
+    ``train_accuracy`` and ``loss`` come from the forward passes the epoch trained with (the
+    ERM path on ERM epochs: no second pass); ``val_accuracy`` is the STD path on
+    ``val_data``, over the whole set across processes.
+    """
+
+    epoch: int
+    path: str
+    loss: float
+    train_accuracy: float
+    val_accuracy: float | None
+    csi: float
+    l1_density: float
+    ones_per_row: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained model (unwrapped) and the history."""
+
+    model: ERMModel
+    history: list[EpochStats] = field(default_factory=list)
+    config: ERMConfig = field(default_factory=ERMConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "history": [asdict(h) for h in self.history]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1):
+    """An ``Accelerator`` that uses the GPUs when there are any and gloo on CPUs otherwise.
+
+    On a CPU-only machine ``cpu=True`` matters: without it, two processes started by
+    ``torchrun`` do not join one process group.
+    """
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                           gradient_accumulation_steps=gradient_accumulation_steps)
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        # Accelerate keeps one state per process: the first train()/unlearn() call fixed it
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} cannot be used: this process already "
+            "created an Accelerator with another setting, and Accelerate allows one per "
+            "process. Create one Accelerator yourself and pass it as accelerator= to every "
+            "call, or run the call in a new process") from err
+
+
+@torch.no_grad()
+def std_accuracy(model: nn.Module, loader: DataLoader, accelerator=None) -> float:
+    """STD-path accuracy over the whole loader (all processes, no duplicated samples)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long)
+    total = 0
+    for x, y in loader:
+        pred = model(x).argmax(dim=1)
+        if accelerator is not None:
+            pred, y = accelerator.gather_for_metrics((pred, y))
+        correct = correct + (pred == y).sum().cpu()
+        total += y.numel()
+    model.train(was_training)
+    return float(correct) / max(total, 1)
+
+
+class ERMTrainer:
+    """Algorithm 1 on Accelerate. See :func:`train` for the arguments."""
+
+    def __init__(
+        self,
+        model: ERMModel,
+        train_data: Dataset | DataLoader,
+        *,
+        epochs: int,
+        val_data: Dataset | DataLoader | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        config: ERMConfig | None = None,
+        accelerator: Any = None,
+        batch_size: int = 128,
+        lr: float = 0.05,
+        weight_decay: float = 5e-4,
+        mixed_precision: str = "no",
+        gradient_accumulation_steps: int = 1,
+        seed: int = 0,
+        output_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        show_progress: bool = True,
+        num_workers: int = 0,
+        callbacks: Sequence[Any] = (),
+        channels_last: bool = False,
+    ) -> None:
+        if not isinstance(model, ERMModel):
+            raise TypeError("train() takes a model returned by erm_surgery.attach(), got "
+                            f"{type(model).__name__}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if scheduler is not None and optimizer is None:
+            raise ValueError("a scheduler needs the optimizer it drives: pass optimizer= too")
+        if checkpoint_every and output_dir is None:
+            raise ValueError("checkpoint_every needs output_dir= to write checkpoints to")
+        self.model = model
+        self.config = config or ERMConfig()
+        self.epochs = epochs
+        self.seed = seed
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.show_progress = show_progress
+        # NHWC weights and inputs: faster convolutions on GPUs with tensor cores (AMP)
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        # objects with optional on_before_step(trainer, x, y) / on_after_step(trainer, x, y)
+        # methods, called around every optimizer step (e.g. an update recorder)
+        self.callbacks = list(callbacks)
+        self.accelerator = accelerator or make_accelerator(mixed_precision,
+                                                           gradient_accumulation_steps)
+        from accelerate.utils import set_seed
+
+        set_seed(seed)
+        # the sampler's generator is re-seeded every epoch, so a resumed run sees the same
+        # batches as an uninterrupted one
+        self._generator = torch.Generator()
+        if isinstance(train_data, DataLoader):
+            train_loader = train_data
+        else:
+            train_loader = shuffled_loader(as_dataset(train_data), batch_size,
+                                           generator=self._generator, num_workers=num_workers)
+        val_loader = None
+        if val_data is not None:
+            val_loader = val_data if isinstance(val_data, DataLoader) else DataLoader(
+                as_dataset(val_data), batch_size=batch_size * 2, num_workers=num_workers)
+
+        G = model.erm.G
+        if optimizer is None:
+            params = [p for p in model.model.parameters() if p.requires_grad]
+            optimizer = make_optimizer(torch.optim.SGD, params, lr=lr, momentum=0.9,
+                                       nesterov=True, weight_decay=weight_decay)
+        elif any(p is G for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("leave model.erm.G out of optimizer=: G has its own optimiser "
+                             "(ERMConfig.g_lr), stepped only on ERM epochs")
+        steps_per_epoch = math.ceil(len(train_loader) / gradient_accumulation_steps)
+        if scheduler is None:
+            scheduler = cosine_schedule(optimizer, steps_per_epoch * epochs)
+        g_optimizer = torch.optim.Adam([G], lr=self.config.g_lr)
+
+        acc = self.accelerator
+        (self.wrapped, self.optimizer, self.g_optimizer, self.train_loader,
+         self.scheduler) = acc.prepare(model, optimizer, g_optimizer, train_loader, scheduler)
+        self.val_loader = acc.prepare(val_loader) if val_loader is not None else None
+        self.history: list[EpochStats] = []
+        self.start_epoch = 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write model, optimisers, scheduler, RNG and history to folder ``path``.
+
+        The folder is assembled under a temp name and swapped in, so a crash leaves the
+        previous checkpoint intact. Only the main process writes.
+        """
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            try:
+                save(acc.unwrap_model(self.wrapped), tmp / _MODEL_FILE)
+                state = {
+                    "epoch": len(self.history),
+                    "optimizer": self.optimizer.state_dict(),
+                    "g_optimizer": self.g_optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": [asdict(h) for h in self.history],
+                    "config": self.config.to_dict(),
+                }
+                torch.save(state, tmp / _STATE_FILE)
+                old = path.with_name(path.name + ".old")
+                if path.exists():
+                    os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; training continues exactly."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / _STATE_FILE).is_file() or not (path / _MODEL_FILE).is_file():
+            raise CheckpointError(f"{path} is not a training checkpoint folder (expected "
+                                  f"{_MODEL_FILE} and {_STATE_FILE})")
+        state = torch.load(path / _STATE_FILE, weights_only=True, map_location="cpu")
+        tensors = load_file(str(path / _MODEL_FILE))
+        model = self.accelerator.unwrap_model(self.wrapped)
+        model.model.load_state_dict({k[6:]: v for k, v in tensors.items()
+                                     if k.startswith("model.")})
+        model.erm.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("erm.")})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = [EpochStats(**h) for h in state["history"]]
+        self.start_epoch = int(state["epoch"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def _notify(self, event: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        for callback in self.callbacks:
+            hook = getattr(callback, event, None)
+            if hook is not None:
+                hook(self, x, y)
+
+    def _run_epoch(self, epoch: int, progress) -> tuple[float, float]:
+        acc, cfg = self.accelerator, self.config
+        erm_path = is_erm_epoch(epoch, cfg)
+        model = self.wrapped
+        mask = acc.unwrap_model(model).erm
+        # DDP needs every parameter in every backward; on STD epochs G gets a zero gradient
+        distributed = acc.num_processes > 1
+        model.train()
+        self._generator.manual_seed(self.seed * 100_003 + epoch)
+        sums = torch.zeros(3, device=acc.device)  # loss * n, correct, n (no per-step sync)
+        for x, y in self.train_loader:
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with acc.accumulate(model):
+                if erm_path:
+                    loss, terms = erm_loss(model, x, y, cfg, return_terms=True)
+                    logits = terms["logits"]
+                else:
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    if distributed:
+                        loss = loss + 0.0 * mask.G.sum()
+                acc.backward(loss)
+                self._notify("on_before_step", x, y)
+                self.optimizer.step()
+                self.scheduler.step()
+                if erm_path:
+                    self.g_optimizer.step()
+                self._notify("on_after_step", x, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.g_optimizer.zero_grad(set_to_none=True)
+                if erm_path and acc.sync_gradients:
+                    mask.project_(cfg.projection)
+            n = y.shape[0]
+            sums += torch.stack([loss.detach().float() * n,
+                                 (logits.argmax(dim=1) == y).sum().float(),
+                                 torch.tensor(float(n), device=sums.device)])
+            if progress is not None:
+                progress.update(1)
+        sums = acc.reduce(sums, reduction="sum").cpu()
+        return float(sums[0] / sums[2].clamp_min(1)), float(sums[1] / sums[2].clamp_min(1))
+
+    def fit(self, resume_from: str | os.PathLike | None = None) -> TrainResult:
+        """Train for the remaining epochs; returns the unwrapped model and the history."""
+        from tqdm.auto import tqdm
+
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        acc = self.accelerator
+        total = (self.epochs - self.start_epoch) * len(self.train_loader)
+        progress = tqdm(total=total, disable=not (self.show_progress and acc.is_main_process),
+                        desc="ERM training", unit="batch", dynamic_ncols=True)
+        model = acc.unwrap_model(self.wrapped)
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
+                path = "erm" if is_erm_epoch(epoch, self.config) else "std"
+                progress.set_description(f"epoch {epoch + 1}/{self.epochs} [{path}]")
+                start = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, train_acc = self._run_epoch(epoch, progress)
+                val_acc = (std_accuracy(self.wrapped, self.val_loader, acc)
+                           if self.val_loader is not None else None)
+                G = model.erm.G
+                stats = EpochStats(
+                    epoch=epoch, path=path, loss=loss, train_accuracy=train_acc,
+                    val_accuracy=val_acc, csi=float(metrics.csi(G)),
+                    l1_density=float(metrics.l1_density(G)),
+                    ones_per_row=float(metrics.ones_per_row(G)), lr=lr,
+                    seconds=time.perf_counter() - start)
+                self.history.append(stats)
+                progress.set_postfix(loss=f"{loss:.3f}", acc=f"{train_acc:.3f}",
+                                     val=f"{val_acc:.3f}" if val_acc is not None else "-",
+                                     csi=f"{stats.csi:.2f}", dens=f"{stats.l1_density:.3f}")
+                done = epoch + 1
+                if self.checkpoint_every and (done % self.checkpoint_every == 0
+                                              or done == self.epochs):
+                    self.save_checkpoint(self.output_dir / "checkpoint")
+        finally:
+            progress.close()
+        result = TrainResult(model=model, history=self.history, config=self.config)
+        if self.output_dir is not None and acc.is_main_process:
+            atomic_write(self.output_dir / "history.json",
+                         lambda tmp: Path(tmp).write_text(result.to_json()))
+        acc.wait_for_everyone()
+        return result
+
+
+def train(
+    model: ERMModel,
+    train_data: Dataset | DataLoader,
+    *,
+    epochs: int,
+    val_data: Dataset | DataLoader | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    config: ERMConfig | None = None,
+    accelerator: Any = None,
+    resume_from: str | os.PathLike | None = None,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    mixed_precision: str = "no",
+    gradient_accumulation_steps: int = 1,
+    seed: int = 0,
+    output_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    show_progress: bool = True,
+    num_workers: int = 0,
+    callbacks: Sequence[Any] = (),
+    channels_last: bool = False,
+) -> TrainResult:
+    """Train an attached model with ERM alternate training; returns a :class:`TrainResult`.
+
+    Args:
+        model: a model returned by :func:`erm_surgery.attach` (trained in place).
+        train_data: a Dataset of ``(image, label)`` pairs or a DataLoader. With a Dataset
+            the batches are shuffled by a generator re-seeded each epoch from ``seed``, so
+            ``resume_from`` continues exactly.
+        epochs: total number of epochs; the ERM/STD schedule comes from ``config``.
+        val_data: optional data for the STD-path validation accuracy of every epoch.
+        optimizer: for the weights (default SGD, momentum 0.9, nesterov, ``lr``,
+            ``weight_decay``); must not contain ``G``, which has its own Adam.
+        scheduler: stepped once per optimizer step (default: cosine to 0 over the run).
+        config: :class:`ERMConfig` (loss weights, density target, schedule, projection).
+        accelerator: an ``accelerate.Accelerator``; default: one made by
+            :func:`make_accelerator` with ``mixed_precision`` and
+            ``gradient_accumulation_steps``.
+        resume_from: a checkpoint folder written by an earlier run (``output_dir/checkpoint``).
+        batch_size: minibatch size of a Dataset's loader (validation: twice that).
+        lr: learning rate of the default optimiser.
+        weight_decay: weight decay of the default optimiser.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` for the default accelerator.
+        gradient_accumulation_steps: for the default accelerator.
+        seed: seeds the run (data order, initial random state).
+        output_dir: history.json and checkpoints, written by the main process only.
+        checkpoint_every: epochs between resumable checkpoints (0 = never).
+        show_progress: tqdm bar on the main process.
+        num_workers: DataLoader worker processes.
+        callbacks: objects with optional ``on_before_step(trainer, x, y)`` /
+            ``on_after_step(trainer, x, y)``, called around every optimizer step.
+        channels_last: NHWC weights and inputs, for GPUs with AMP.
+    """
+    trainer = ERMTrainer(model, train_data, epochs=epochs, val_data=val_data,
+                         optimizer=optimizer, scheduler=scheduler, config=config,
+                         accelerator=accelerator, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, mixed_precision=mixed_precision,
+                         gradient_accumulation_steps=gradient_accumulation_steps, seed=seed,
+                         output_dir=output_dir, checkpoint_every=checkpoint_every,
+                         show_progress=show_progress, num_workers=num_workers,
+                         callbacks=callbacks, channels_last=channels_last)
+    return trainer.fit(resume_from=resume_from)
