@@ -12,7 +12,7 @@ import sys
 import warnings
 
 __all__ = ["ERMError", "SurgeryError", "CheckpointError", "UnlearningError", "EvaluationError",
-           "warn_user"]
+           "TrainingError", "warn_user"]
 
 
 class ERMError(ValueError):
@@ -35,13 +35,18 @@ class EvaluationError(ERMError):
     """Invalid evaluation input (models, data, forget classes, metric names, config)."""
 
 
+class TrainingError(ERMError):
+    """Invalid training data (labels that are not class ids ``0..C-1``, empty data), or a
+    run whose loss became NaN / Inf (the message names the epoch and steps)."""
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first frame outside erm-surgery: the user's line
     that called the library, however many layers (registry, method, loop) lie between."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)  # level 2 = the caller of warn_user
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
             _PACKAGE_DIR):
         level += 1
