@@ -27,9 +27,9 @@ import torch
 import erm_surgery
 from erm_surgery.data import load_mnist5k, split_by_class
 from erm_surgery.evaluation import EvalConfig, evaluate
-from erm_surgery.evaluation.prohibition import prohibition_accuracy
 from erm_surgery.methods.ktp import KTPConfig, ktp
 from erm_surgery.training import ERMConfig
+from erm_surgery.training.prohibition import prohibition_accuracy
 
 RESULTS = Path(__file__).parent / "results"
 STD_ONLY = ERMConfig(erm_every=10**6, warmup_epochs=0)

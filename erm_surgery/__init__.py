@@ -8,12 +8,19 @@ The user API is here; the packages hold the rest (docs/architecture.md):
 
 from . import methods  # noqa: F401  (registers every unlearning method)
 from .checkpoint import load, read_metadata, save
-from .errors import CheckpointError, ERMError, EvaluationError, SurgeryError, UnlearningError
+from .errors import (
+    CheckpointError,
+    ERMError,
+    EvaluationError,
+    SurgeryError,
+    TrainingError,
+    UnlearningError,
+)
 from .evaluation import EvalConfig, UnlearningReport, evaluate
-from .evaluation.prohibition import ProhibitionResult, prohibition_accuracy
 from .methods.ktp import KTPConfig, KTPInfo
 from .surgery import ERMModel, attach, detach, is_attached, unwrap
 from .training import ERMConfig, TrainResult, erm_loss, make_accelerator, train
+from .training.prohibition import ProhibitionResult, prohibition_accuracy
 from .unlearning import (
     MethodInfo,
     MethodSpec,
@@ -40,5 +47,6 @@ __all__ = [
     # files
     "save", "load", "read_metadata",
     # errors
-    "ERMError", "SurgeryError", "CheckpointError", "UnlearningError", "EvaluationError",
+    "ERMError", "SurgeryError", "TrainingError", "CheckpointError", "UnlearningError",
+    "EvaluationError",
 ]

@@ -25,6 +25,9 @@ __all__ = [
     "load_mnist5k",
     "load_digits8x8",
     "check_class_ids",
+    "check_labels",
+    "raw_labels",
+    "batch_statistics",
 ]
 
 
@@ -40,20 +43,110 @@ def as_dataset(data: Dataset | DataLoader) -> Dataset:
     )
 
 
-def _fast_labels(dataset: Dataset) -> torch.Tensor | None:
+def _fast_labels(dataset: Dataset, raw: bool = False) -> torch.Tensor | None:
+    """Labels without decoding images, or None; ``raw`` keeps their dtype and shape."""
     if isinstance(dataset, Subset):
-        parent = _fast_labels(dataset.dataset)
+        parent = _fast_labels(dataset.dataset, raw)
         if parent is None:
             return None
         return parent[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
-        return dataset.tensors[1].reshape(-1).long()
+        labels = dataset.tensors[1]
+        return labels if raw else labels.reshape(-1).long()
     targets = getattr(dataset, "targets", None)
     if targets is None:
         targets = getattr(dataset, "labels", None)  # SVHN, STL10 spell it "labels"
     if targets is not None:
-        return torch.as_tensor(targets).reshape(-1).long()
+        labels = torch.as_tensor(targets)
+        return labels if raw else labels.reshape(-1).long()
     return None
+
+
+def _iterated_labels(dataset: Dataset) -> list:
+    """Every sample's label, by reading the samples (images decoded): the slow path."""
+    out = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        sample = dataset[i]
+        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
+            raise ValueError(
+                "the data has no labels: each sample must be an (input, label) pair"
+            )
+        out.append(sample[1])
+    return out
+
+
+def raw_labels(data: Dataset | DataLoader, *, decode: bool = True) -> torch.Tensor | None:
+    """The labels of ``data`` as stored (dtype and shape kept: float or one-hot labels stay
+    so), for :func:`check_labels`. Read without decoding images where the dataset exposes
+    them; otherwise the dataset is iterated when ``decode`` is True. With ``decode`` False,
+    None is returned whenever the stored labels may not be what the batches carry (no fast
+    labels, a ``target_transform``, an attribute that is not one label per sample).
+    Raises ``ValueError`` when a sample has no label."""
+    dataset = as_dataset(data)
+    if not decode:  # only labels that are surely what the batches carry
+        base = dataset
+        while isinstance(base, Subset):
+            base = base.dataset
+        if getattr(base, "target_transform", None) is not None:
+            return None  # .targets are the labels before the transform
+        try:  # a .labels of class names, an IterableDataset without len()
+            labels = _fast_labels(dataset, raw=True)
+            one_each = labels is not None and labels.dim() > 0 and len(labels) == len(
+                dataset)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return labels if one_each else None
+    labels = _fast_labels(dataset, raw=True)
+    if labels is not None:
+        return labels
+    out = [torch.as_tensor(label) for label in _iterated_labels(dataset)]
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, *,
+                 error: type[Exception] = ValueError, name: str = "labels") -> torch.Tensor:
+    """``labels`` as a 1-D int64 tensor of class ids in ``0..num_classes - 1``.
+
+    The one label check behind training, validation, unlearning and evaluation data; each
+    passes the error type its callers expect. Refused, never converted: float labels
+    (integer-valued ones with a hint to ``.long()``), bools, ``(N, 1)`` columns and one-hot
+    or probability rows, and ids outside the range (``-100``, cross-entropy's ignore index,
+    included). The message names the bad values.
+    """
+    labels = torch.as_tensor(labels)
+    expected = (f"expected integer class ids 0..{num_classes - 1} (the model has "
+                f"{num_classes} classes), one per sample")
+    if labels.dim() == 2 and labels.shape[1] > 1:
+        raise error(f"{name} have shape {tuple(labels.shape)}: one-hot or per-class rows are "
+                    f"not supported; {expected}. Convert them with labels.argmax(1)")
+    if labels.dim() != 1:
+        hint = (": flatten them with labels.view(-1)" if labels.dim() == 2 else "")
+        raise error(f"{name} have shape {tuple(labels.shape)}; {expected}{hint}")
+    if labels.dtype == torch.bool or labels.is_complex() or labels.is_floating_point():
+        if labels.is_floating_point() and bool(torch.isfinite(labels).all()) and bool(
+                (labels == labels.round()).all()):
+            raise error(f"{name} are {labels.dtype} tensors; {expected}. Convert them with "
+                        ".long() (floats are refused, never truncated)")
+        odd = (labels[~torch.isfinite(labels) | (labels != labels.round())]
+               if labels.is_floating_point() else labels)
+        raise error(f"{name} are {labels.dtype}, not class ids (e.g. "
+                    f"{odd[:5].tolist()}); {expected}")
+    labels = labels.long()
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        values = sorted(set(bad.tolist()))
+        shown = values[:10] + (["..."] if len(values) > 10 else [])
+        note = (" (-100 is cross-entropy's ignore index, which the library does not use: "
+                "drop those samples instead)" if -100 in values else "")
+        raise error(f"{name} hold {bad.numel()} value(s) outside 0..{num_classes - 1}: "
+                    f"{shown}{note}; {expected}")
+    return labels
+
+
+def batch_statistics(model: torch.nn.Module) -> bool:
+    """Whether ``model`` normalises with batch statistics in training mode (a BatchNorm
+    layer), so that a batch of one sample on a 1x1 map cannot train."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def get_labels(data: Dataset | DataLoader) -> torch.Tensor:
@@ -65,15 +158,7 @@ def get_labels(data: Dataset | DataLoader) -> torch.Tensor:
     labels = _fast_labels(dataset)
     if labels is not None:
         return labels.cpu()
-    out = []
-    for i in range(len(dataset)):  # type: ignore[arg-type]
-        sample = dataset[i]
-        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
-            raise ValueError(
-                "the data has no labels: each sample must be an (input, label) pair"
-            )
-        out.append(int(sample[1]))
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor([int(label) for label in _iterated_labels(dataset)], dtype=torch.long)
 
 
 def split_by_class(
@@ -226,8 +311,8 @@ def check_class_ids(classes: Iterable[int] | int, num_classes: int, *,
     """
     if isinstance(classes, (torch.Tensor, np.ndarray)):
         classes = list(classes.reshape(-1))  # 0-d elements: int dtypes have __index__
-    elif isinstance(classes, int) or hasattr(classes, "__index__"):
-        classes = [classes]  # type: ignore[list-item]
+    elif isinstance(classes, (int, float, np.generic)) or hasattr(classes, "__index__"):
+        classes = [classes]  # type: ignore[list-item]  # a float is refused below
     try:
         raw = list(classes)  # type: ignore[arg-type]
     except TypeError as err:
@@ -243,7 +328,8 @@ def check_class_ids(classes: Iterable[int] | int, num_classes: int, *,
         except (TypeError, AttributeError, RuntimeError, ValueError):
             raise error(f"{name} must be integers (integer class ids), got {c!r}") from None
     if not ids:
-        raise error(f"no classes to forget: {name} is empty; pass at least one class id")
+        raise error(f"no classes given: {name} is empty, so there are no classes to forget; "
+                    "pass at least one class id")
     bad = sorted({c for c in ids if not 0 <= c < num_classes})
     if bad:
         raise error(f"unknown class ids {bad}: out of range, the model has {num_classes} "

@@ -3,15 +3,18 @@
 Two teachers are trained once per session (not once per module):
 
 - ``mnist_teacher``: timm ``test_resnet`` (in_chans=1) ERM-trained on 2,000 real MNIST
-  digits at 32x32, 6 epochs at batch 64 (KTP's tests; about 10 s on 2 cores);
+  digits at 32x32, 6 epochs at batch 64 (KTP's tests; about 20 s on one thread);
 - ``digits_teacher``: the same network on scikit-learn's 1,400 8x8 digits at 16x16,
   8 epochs at batch 128, with an Amnesiac :class:`UpdateRecorder` watching classes 4 and
-  9 (the baselines, ESC / EC and the method contract; about 8 s).
+  9 (the baselines, ESC / EC and the method contract; about 6 s).
 
-Each test gets its own deep copy of the model and of the data, so nothing a test does
-to them reaches a later test; ``state`` is the trained state dict to compare against.
-The recorder is shared (it holds about 100 MiB of deltas, most on disk): a test that
-changes it fails at teardown.
+The trained master is never handed out. Tests borrow one working copy of it: after each
+test the copy is checked against the master (every tensor of the state dict, each
+module's mode, attributes and hooks, each parameter's ``requires_grad``), so a test that
+changed the model it was lent errors at teardown, and the next test gets a fresh copy:
+no test can silently change the teacher of a later one. (A deep copy per test would cost
+about 60 ms each: copying an attached model traces it again.) The data are copied for
+each test. The recorder is shared read-only: a test that changes it errors at teardown.
 """
 
 import copy
@@ -23,13 +26,15 @@ from typing import Any
 import pytest
 import timm
 import torch
+from helpers import RECORDED
+from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-# two cores on CI: threads beyond that only add contention
-torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-#: classes the digits teacher's update recorder watches (Amnesiac can forget only these)
-RECORDED = [4, 9]
+# two cores on CI: threads beyond that only add contention. OMP_NUM_THREADS, when set, wins:
+# on a machine shared with other jobs two threads spin at every barrier while the other
+# core is busy (measured: the digits teacher trains in 9.5 s with one thread, 105 s with
+# two, on two cores with two other jobs running)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +48,7 @@ class Teacher:
     """One trained original: the model (eval mode), its data, and what tests compare with.
 
     Attributes:
-        model: the attached, ERM-trained model (this test's own copy).
+        model: the attached, ERM-trained model (lent to this test: see the module doc).
         train, test: the training and test data (this test's own copies).
         state: the model's state dict right after training.
         init: its parameters before training (``unwrap(model).named_parameters()``).
@@ -57,13 +62,6 @@ class Teacher:
     init: dict[str, torch.Tensor] = field(default_factory=dict)
     recorder: Any = None
 
-    def untouched(self) -> None:
-        """Assert that ``model`` still holds the trained state, bit for bit."""
-        after = self.model.state_dict()
-        assert after.keys() == self.state.keys(), "the teacher's state dict keys changed"
-        for key, value in self.state.items():
-            assert torch.equal(after[key], value), f"the teacher changed: {key}"
-
 
 def _copy_data(data: Dataset) -> Dataset:
     if isinstance(data, Subset):
@@ -73,11 +71,48 @@ def _copy_data(data: Dataset) -> Dataset:
     return copy.deepcopy(data)
 
 
-def _hand_out(master: Teacher) -> Teacher:
-    """This test's copy of ``master``: a test may do anything with it."""
-    return Teacher(model=copy.deepcopy(master.model), train=_copy_data(master.train),
-                   test=_copy_data(master.test), state=master.state, init=master.init,
-                   recorder=master.recorder)
+def _layout(model: nn.Module) -> list:
+    """What a test could change in a model besides its tensors: each module's type, mode,
+    attribute names and hooks, each parameter's ``requires_grad``."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+             "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+    modules = [(name, type(m).__name__, m.training, sorted(vars(m)),
+                [len(getattr(m, h, ())) for h in hooks]) for name, m in model.named_modules()]
+    return modules + [(name, p.requires_grad) for name, p in model.named_parameters()]
+
+
+def _changes(model: nn.Module, trained: dict[str, torch.Tensor], layout: list) -> list[str]:
+    state = model.state_dict()
+    if state.keys() != trained.keys():
+        return ["the state dict keys"]
+    changed = [k for k, v in trained.items() if not torch.equal(state[k], v)]
+    if _layout(model) != layout:
+        changed.append("a module's mode, attributes or hooks, or a requires_grad flag")
+    return changed
+
+
+class _Lender:
+    """Lends the working copy of one trained master to each test, and takes it back."""
+
+    def __init__(self, master: Teacher) -> None:
+        self.master = master
+        self.copy: nn.Module | None = None
+        self.layout: list = []
+
+    def lend(self) -> Teacher:
+        if self.copy is None:
+            self.copy = copy.deepcopy(self.master.model)
+            self.layout = _layout(self.copy)
+        m = self.master
+        return Teacher(model=self.copy, train=_copy_data(m.train), test=_copy_data(m.test),
+                       state=m.state, init=m.init, recorder=m.recorder)
+
+    def take_back(self) -> None:
+        changed = _changes(self.copy, self.master.state, self.layout)
+        if changed:
+            self.copy = None  # the next test gets a fresh copy
+            pytest.fail(f"the test changed the session's teacher it was lent ({changed[:3]}); "
+                        "deep-copy it before changing it", pytrace=False)
 
 
 def _trained_state(model) -> dict[str, torch.Tensor]:
@@ -86,6 +121,7 @@ def _trained_state(model) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def _mnist_master() -> Teacher:
+    """The trained MNIST teacher itself: never hand it to a test (copy it)."""
     import erm_surgery as E
     from erm_surgery.data import load_mnist5k
 
@@ -100,6 +136,7 @@ def _mnist_master() -> Teacher:
 
 @pytest.fixture(scope="session")
 def _digits_master(tmp_path_factory) -> Teacher:
+    """The trained digits teacher itself: never hand it to a test (copy it)."""
     import erm_surgery as E
     from erm_surgery.data import load_digits8x8
     from erm_surgery.methods.baselines import UpdateRecorder
@@ -120,24 +157,35 @@ def _digits_master(tmp_path_factory) -> Teacher:
     recorder.cleanup()
 
 
+@pytest.fixture(scope="session")
+def _mnist_lender(_mnist_master) -> _Lender:
+    return _Lender(_mnist_master)
+
+
+@pytest.fixture(scope="session")
+def _digits_lender(_digits_master) -> _Lender:
+    return _Lender(_digits_master)
+
+
 def _recorder_state(recorder) -> tuple:
     return (recorder.total_steps, recorder.memory_bytes, recorder.disk_bytes,
             [(s.step, tuple(s.classes), s.path, s.nbytes) for s in recorder.steps])
 
 
 @pytest.fixture
-def mnist_teacher(_mnist_master) -> Teacher:
-    """The MNIST teacher (2,000 training / 600 test digits), this test's own copy."""
-    return _hand_out(_mnist_master)
+def mnist_teacher(_mnist_lender) -> Teacher:
+    """The MNIST teacher (2,000 training / 600 test digits)."""
+    yield _mnist_lender.lend()
+    _mnist_lender.take_back()
 
 
 @pytest.fixture
-def digits_teacher(_digits_master) -> Teacher:
-    """The 8x8-digits teacher (1,400 training / 397 test digits) with its recorder, this
-    test's own copy (the recorder is shared and must not change)."""
-    rec = _digits_master.recorder
+def digits_teacher(_digits_lender) -> Teacher:
+    """The 8x8-digits teacher (1,400 training / 397 test digits) with its recorder."""
+    rec = _digits_lender.master.recorder
     before = _recorder_state(rec)
-    yield _hand_out(_digits_master)
-    assert _recorder_state(rec) == before, "a test changed the session's UpdateRecorder"
-    assert all(Path(s.path).is_file() for s in rec.steps if s.path is not None), \
-        "a test deleted spill files of the session's UpdateRecorder"
+    yield _digits_lender.lend()
+    _digits_lender.take_back()
+    if _recorder_state(rec) != before or not all(
+            Path(s.path).is_file() for s in rec.steps if s.path is not None):
+        pytest.fail("the test changed the session's UpdateRecorder", pytrace=False)

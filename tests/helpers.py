@@ -1,7 +1,11 @@
 """Helpers several test files share (pytest puts this folder on sys.path)."""
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+#: the classes the digits teacher's update recorder watches (conftest.py): Amnesiac can
+#: forget only these, so the baselines and the method contract forget them
+RECORDED = [4, 9]
 
 
 @torch.no_grad()
@@ -15,3 +19,24 @@ def accuracy(model, data, classes) -> float:
         right += (model(x).argmax(1)[keep] == y[keep]).sum().item()
         total += keep.sum().item()
     return right / total
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state dict, to compare with :func:`unchanged` later."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, before: dict[str, torch.Tensor]) -> bool:
+    """``model``'s state dict is ``before``, bit for bit (same keys, equal tensors)."""
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k])
+                                                 for k in before)
+
+
+def tensors_of(data: Dataset) -> list[torch.Tensor]:
+    """The tensors behind a ``TensorDataset`` (or a ``Subset`` of one), to check that a
+    method left its data as it was."""
+    while isinstance(data, Subset):
+        data = data.dataset
+    assert isinstance(data, TensorDataset), type(data)
+    return list(data.tensors)

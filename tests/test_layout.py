@@ -69,6 +69,10 @@ def test_recipe_configs_share_one_base_and_validation():
         assert issubclass(cls, Recipe), cls
         with pytest.raises(ValueError, match="lr must be > 0"):
             cls(lr=0.0)
+        with pytest.raises(ValueError, match="finite"):
+            cls(lr=float("inf"))
+        with pytest.raises(ValueError, match="weight_decay"):
+            cls(weight_decay=float("nan"))
         with pytest.raises(ValueError, match="optimizer must be one of"):
             cls(optimizer="lbfgs")
     assert AmnesiacConfig(epochs=0).epochs == 0  # the bare subtraction

@@ -1,8 +1,10 @@
 """ESC, ESC-T, EC and KTP+EC on a small real case, plus graph mechanics and bad input.
 
-One ERM-trained timm ``test_resnet`` on scikit-learn's 8x8 digits (1,400 train / 397 test
-at 16x16) serves every test. The accuracy bounds are the measured values (class 3
-forgotten; ``docs/methods.md``) with a margin for other machines and library versions.
+Every test starts from the session's 8x8-digits teacher (conftest.py: timm ``test_resnet``
+ERM-trained on scikit-learn's 8x8 digits, 1,400 train / 397 test at 16x16). The accuracy
+bounds are the measured values (class 3 forgotten; ``docs/methods.md``) with a margin for
+other machines and library versions. The request checks every method shares are in
+test_method_contract.py.
 """
 
 import copy
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import accuracy
+from helpers import accuracy, state, unchanged
 from torch.utils.data import DataLoader, Subset
 
 import erm_surgery as E
@@ -31,29 +33,15 @@ RETAIN = [c for c in range(10) if c not in FORGET]
 QUIET_EC = ECConfig(show_progress=False)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """ERM-trained test_resnet on the digits (about 5 s on 2 cores)."""
-    torch.manual_seed(0)
-    train_set, test_set = load_digits8x8()
-    model = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
-    E.train(model, train_set, epochs=6, batch_size=64, show_progress=False)
-    return model.eval(), train_set, test_set
+@pytest.fixture
+def trained(digits_teacher):
+    """The session's digits teacher (conftest.py): ``(teacher, train, test)``."""
+    return digits_teacher.model, digits_teacher.train, digits_teacher.test
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def plain(trained):
     return E.detach(trained[0]).eval()
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def unchanged(model, before):
-    after = model.state_dict()
-    return after.keys() == before.keys() and all(torch.equal(after[k], before[k])
-                                                 for k in before)
 
 
 def test_methods_are_registered_and_ktp_stays_the_default():
@@ -70,7 +58,8 @@ def test_esc_forgets_on_a_plain_model_in_well_under_a_second(trained, plain):
     _, train_set, test_set = trained
     before = state(plain)
     out, info = esc(plain, FORGET, train_set)
-    # measured: forget test 0.977 -> 0.023, retain test 0.994 -> 0.997, 0.1-0.5 s
+    # measured (session teacher): forget test 0.930 -> 0.0 (train 1.0 -> 0.007), retain
+    # test 0.983 -> 0.983, 0.1-0.5 s (the module's former 6-epoch teacher: 0.977 -> 0.023)
     assert accuracy(plain, test_set, FORGET) > 0.9
     assert accuracy(out, test_set, FORGET) <= 0.15
     assert accuracy(out, train_set, FORGET) <= 0.15
@@ -91,7 +80,7 @@ def test_esc_forgets_on_a_plain_model_in_well_under_a_second(trained, plain):
 
 def test_esc_projection_is_x_minus_uut_x_before_the_head(trained, plain):
     _, train_set, test_set = trained
-    out, _ = esc(plain, FORGET, train_set, config=ESCConfig(k=3))
+    out, _ = esc(plain, FORGET, train_set, k=3)
     U = out.esc_projection.basis
     assert U.shape == (96, 3)
     assert torch.allclose(U.T @ U, torch.eye(3), atol=1e-5)
@@ -115,9 +104,9 @@ def test_esc_projection_is_x_minus_uut_x_before_the_head(trained, plain):
 def test_esc_config_p_and_k(trained, plain):
     train_set = trained[1]
     assert esc(plain, FORGET, train_set, config=ESCConfig(p=10))[1].removed_directions == 9
-    assert esc(plain, FORGET, train_set, config=ESCConfig(k=5))[1].removed_directions == 5
+    assert esc(plain, FORGET, train_set, k=5)[1].removed_directions == 5
     with pytest.warns(UserWarning, match="removed 1"):  # 0.5 % of 96 = 0.48 directions
-        _, info = esc(plain, FORGET, train_set, config=ESCConfig(p=0.5))
+        _, info = esc(plain, FORGET, train_set, p=0.5)
     assert info.removed_directions == 1 and any("removed 1" in n for n in info.notes)
 
 
@@ -146,7 +135,7 @@ def test_esc_works_on_a_timm_vit():
     torch.manual_seed(0)
     train_set, _ = load_digits8x8(n_train=300, size=32)
     vit = timm.create_model("test_vit", num_classes=10, in_chans=1, img_size=32).eval()
-    out, info = esc(vit, [1, 2], train_set, config=ESCConfig(k=4))
+    out, info = esc(vit, [1, 2], train_set, k=4)
     assert info.head == "head" and info.num_features == vit.num_features
     x = train_set.tensors[0][:8]
     with torch.no_grad():
@@ -163,7 +152,7 @@ def test_esc_t_learns_a_mask_that_forgets(trained, plain):
     _, train_set, test_set = trained
     before = state(plain)
     out, info = esc_t(plain, FORGET, train_set)
-    # measured: forget test 0.023, retain test 0.997, stops after 46 epochs, < 1 s
+    # measured: forget test 0.0 (train 0.029), retain test 0.983, stops after 38 epochs, < 1 s
     assert accuracy(out, test_set, FORGET) <= 0.15
     assert accuracy(out, test_set, RETAIN) >= accuracy(plain, test_set, RETAIN) - 0.03
     assert unchanged(plain, before)
@@ -189,7 +178,7 @@ def test_ec_forgets_keeps_the_parameter_names_and_the_input(trained, plain):
     _, train_set, test_set = trained
     before = state(plain)
     out, info = ec(plain, FORGET, train_set, config=QUIET_EC)
-    # measured: forget test 0.0 (train 0.014), retain test 0.963 (original 0.994)
+    # measured: forget test 0.0 (train 0.014), retain test 0.975 (original 0.983)
     assert accuracy(out, test_set, FORGET) <= 0.15
     assert accuracy(out, test_set, RETAIN) >= accuracy(plain, test_set, RETAIN) - 0.08
     assert unchanged(plain, before)
@@ -207,7 +196,7 @@ def test_ktp_ec_keeps_ktp_guarantee_and_runs_ec_after_it(trained):
     cfg = KTPECConfig(ktp=KTPConfig(show_progress=False),
                       ec=ECConfig(show_progress=False, train_head=False))
     out, info = ktp_ec(model, FORGET, train_set, config=cfg)
-    # measured: forget 0.0 / 0.0, retain test 0.960
+    # measured: forget 0.0 / 0.0, retain test 0.980
     assert accuracy(out, test_set, FORGET) == 0.0 and accuracy(out, train_set, FORGET) == 0.0
     assert accuracy(out, test_set, RETAIN) >= 0.88
     assert info.method == "ktp_ec" and info.base_info["method"] == "ktp"
@@ -267,23 +256,8 @@ def test_the_plugin_snippet_in_the_docs_runs(trained, plain):
 
 
 @pytest.mark.parametrize("method", ["esc", "esc_t", "ec"])
-@pytest.mark.parametrize("classes, message", [
-    ([10], "out of range"), ([], "no classes given"),
-    (list(range(10)), "every class"), ([3, 3], "duplicate")])
-def test_bad_class_lists_are_rejected(trained, plain, method, classes, message):
-    before = state(plain)
-    with pytest.raises(UnlearningError, match=message):
-        unlearn(plain, classes, trained[1], method=method)
-    assert unchanged(plain, before)
-
-
-@pytest.mark.parametrize("method", ["esc", "esc_t", "ec"])
-def test_bad_configs_and_data_are_rejected(trained, plain, method):
+def test_data_without_forget_samples_is_rejected(trained, plain, method):
     train_set = trained[1]
-    with pytest.raises(TypeError, match="takes config="):
-        unlearn(plain, FORGET, train_set, method=method, config=KTPConfig())
-    with pytest.raises(TypeError, match="unknown option"):
-        unlearn(plain, FORGET, train_set, method=method, nonsense=1)
     no_threes = Subset(train_set, torch.nonzero(train_set.tensors[1] != 3).flatten().tolist())
     with pytest.raises(UnlearningError, match="no samples of the forget classes"):
         unlearn(plain, FORGET, no_threes, method=method)

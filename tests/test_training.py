@@ -14,11 +14,11 @@ from torch.utils.data import Dataset, Subset
 
 import erm_surgery as E
 from erm_surgery.data import load_mnist5k
-from erm_surgery.evaluation.prohibition import prohibition_accuracy
 from erm_surgery.surgery.mask import ERMMask
 from erm_surgery.training import g_metrics as metrics
 from erm_surgery.training import train
 from erm_surgery.training.losses import ERMConfig, erm_loss, inner_product, is_erm_epoch, l1_hinge
+from erm_surgery.training.prohibition import prohibition_accuracy
 
 HERE = Path(__file__).parent
 
@@ -91,7 +91,7 @@ def test_erm_loss_is_one_forward_and_reaches_g():
     loss.backward()
     # only the rows of labels in the batch get a CE gradient; regularisers touch all rows
     assert model.erm.G.grad is not None and model.erm.G.grad.abs().sum() > 0
-    assert set(terms) == {"ce", "l1", "inner", "logits"}
+    assert set(terms) == {"ce", "l1", "inner", "prohibit", "logits"}
     with pytest.raises(TypeError, match="attach"):
         erm_loss(timm.create_model("test_resnet", num_classes=10), x, y)
 

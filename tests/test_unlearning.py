@@ -10,7 +10,6 @@ from helpers import accuracy
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import erm_surgery as E
-from erm_surgery.data import load_mnist5k
 from erm_surgery.methods.ktp import KTPConfig, ktp
 from erm_surgery.unlearning import available_methods, unlearn, unlearn_checkpoint
 
@@ -19,30 +18,35 @@ FAST = KTPConfig(show_progress=False)
 QUICK = KTPConfig(epochs=1, show_progress=False)
 
 
+@pytest.fixture
+def trained(mnist_teacher):
+    """The session's ERM-trained tiny ResNet on 2,000 real MNIST digits (conftest.py):
+    ``(teacher, train_set, test_set)``."""
+    return mnist_teacher.model, mnist_teacher.train, mnist_teacher.test
+
+
 @pytest.fixture(scope="module")
-def trained():
-    """An ERM-trained tiny ResNet on 2,000 real MNIST digits (about 10 s)."""
-    torch.manual_seed(0)
-    train_set, test_set = load_mnist5k(n_train=4000)
-    train_set, test_set = Subset(train_set, range(2000)), Subset(test_set, range(600))
-    model = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
-    E.train(model, train_set, epochs=6, batch_size=64, show_progress=False)
-    return model.eval(), train_set, test_set
+def forgot_3(_mnist_master):
+    """KTP with the default config forgetting class 3, run once for the two tests that
+    start from it: ``(teacher, student, info)``, the teacher a copy of the session's one
+    (read-only: a test that changes the student copies it first)."""
+    teacher = copy.deepcopy(_mnist_master.model)
+    return (teacher, *ktp(teacher, [3], copy.deepcopy(_mnist_master.train), config=FAST))
 
 
-def test_ktp_forgets_one_class_and_keeps_the_rest(trained):
-    teacher, train_set, test_set = trained
-    before = copy.deepcopy(teacher.state_dict())
+def test_ktp_forgets_one_class_and_keeps_the_rest(mnist_teacher, forgot_3):
+    train_set, test_set = mnist_teacher.train, mnist_teacher.test
+    teacher, student, info = forgot_3
     retain = [c for c in range(10) if c != 3]
-    student, info = ktp(teacher, [3], train_set, config=FAST)
     assert accuracy(student, test_set, [3]) == 0.0
     assert accuracy(student, train_set, [3]) == 0.0
     assert accuracy(student, test_set, retain) >= accuracy(teacher, test_set, retain) - 0.05
     assert student.erm.G[3].abs().sum() == 0 and student.erm.forgotten_classes == [3]
     assert torch.equal(student.erm.G[retain], teacher.erm.G[retain])
-    # the teacher is untouched, and the student is a separate, fresh model
+    # the teacher is untouched (the trained state, bit for bit), and the student is a
+    # separate, fresh model
     for key, value in teacher.state_dict().items():
-        assert torch.equal(value, before[key]), key
+        assert torch.equal(value, mnist_teacher.state[key]), key
     assert not {p.data_ptr() for p in student.parameters()} & {
         p.data_ptr() for p in teacher.parameters()}
     assert info.not_reinitialised == []
@@ -65,23 +69,24 @@ def test_forget_logits_never_win(trained):
     assert head.weight[:, ~keep].abs().sum() == 0, "prohibited channels cut from the head"
 
 
-def test_sequential_requests_forget_both(trained):
+def test_sequential_requests_forget_both(trained, forgot_3):
     teacher, train_set, test_set = trained
-    once = unlearn(teacher, [1], train_set, config=FAST)
+    once = copy.deepcopy(forgot_3[1])  # the first request: class 3, default config
     twice = unlearn(once, [5], train_set, config=KTPConfig(train_head=True,
                                                           show_progress=False))
-    assert twice.erm.forgotten_classes == [1, 5]
-    assert accuracy(twice, test_set, [1]) == 0.0 and accuracy(twice, test_set, [5]) == 0.0
-    retain = [c for c in range(10) if c not in (1, 5)]
+    assert twice.erm.forgotten_classes == [3, 5]
+    assert accuracy(twice, test_set, [3]) == 0.0 and accuracy(twice, test_set, [5]) == 0.0
+    retain = [c for c in range(10) if c not in (3, 5)]
+    # measured: 0.957 vs the teacher's 0.962 (forgetting 1, then 5: 0.952 vs 0.956)
     assert accuracy(twice, test_set, retain) >= accuracy(teacher, test_set, retain) - 0.08
     # the second request fine-tuned the head: what either request blocked stays blocked
     head = twice.model.get_classifier()
-    for model, forget in ((teacher, [1]), (once, [5])):
+    for model, forget in ((teacher, [3]), (once, [5])):
         assert head.weight[:, ~model.erm.keep_mask(forget)].abs().sum() == 0
-    assert head.weight[[1, 5]].abs().sum() == 0
-    assert torch.all(head.bias[[1, 5]] == FAST.forget_bias)
+    assert head.weight[[3, 5]].abs().sum() == 0
+    assert torch.all(head.bias[[3, 5]] == FAST.forget_bias)
     with pytest.raises(E.UnlearningError, match="already forgotten"):
-        unlearn(twice, [1], train_set, config=FAST)
+        unlearn(twice, [3], train_set, config=FAST)
 
 
 def test_train_head_fine_tunes_only_the_kept_head_entries(trained):
@@ -220,17 +225,6 @@ class NoLabels(Dataset):
         return torch.zeros(1, 32, 32)
 
 
-@pytest.mark.parametrize(
-    "classes,match",
-    [([], "no classes"), ([1, 1], "duplicate"), ([10], "0..9"), ([-1], "0..9"),
-     (list(range(10)), "every class"), (["a"], "integer class ids")],
-)
-def test_bad_requests(trained, classes, match):
-    teacher, train_set, _ = trained
-    with pytest.raises(E.UnlearningError, match=match):
-        unlearn(teacher, classes, train_set, config=FAST)
-
-
 def test_bad_model_data_and_method(trained):
     teacher, train_set, _ = trained
     with pytest.raises(E.UnlearningError, match="never attached"):
@@ -300,7 +294,7 @@ def test_unlearn_checkpoint_refuses_a_method_load_cannot_rebuild(trained, tmp_pa
         unlearn_checkpoint(path, [4], data, base, method="sisa")
     assert path.read_bytes() == before
     # ESC adds projection modules; load() rebuilds them, so its result can replace the file
-    info = unlearn_checkpoint(path, [4], data, base, method="sisa")
+    info = unlearn_checkpoint(path, [4], data, base, method="esc")
     assert info.method == "esc" and path.read_bytes() != before
     reloaded = E.load(path, base)
     assert "esc_projection" in dict(reloaded.model.named_modules())

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data import check_labels, raw_labels
 from ..surgery import model_device
 from .accuracy import accuracy_deltas, accuracy_metrics
 from .cka import CKAResult, centered_gram, cka_from_grams
@@ -78,6 +79,8 @@ def evaluate(
     if not isinstance(cfg, EvalConfig):
         raise TypeError(f"config must be an EvalConfig, got {type(cfg).__name__}")
     names = check_metrics(metrics)
+    if not isinstance(model, nn.Module):  # None included: the other roles are optional
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     models = {role: m for role, m in zip(ROLES, (model, original, retrained), strict=True)
               if m is not None}
     for role, m in models.items():
@@ -88,6 +91,8 @@ def evaluate(
     with prepared_models(models, device):
         num_classes = _num_classes(models, test_data, cfg)
         forget = check_forget_classes(forget_classes, num_classes)
+        for split, data in (("train_data", train_data), ("test_data", test_data)):
+            _check_split_labels(data, num_classes, split)
         report = UnlearningReport(forget_classes=forget, num_classes=num_classes,
                                   models=list(models), metrics=list(names),
                                   config=cfg.to_dict())
@@ -124,6 +129,22 @@ def _num_classes(models: dict[str, nn.Module], data: Dataset | DataLoader,
     return counts["model"]
 
 
+def _check_split_labels(data: Dataset | DataLoader, num_classes: int, split: str) -> None:
+    """Labels the dataset exposes must be class ids of the model (read without decoding
+    images; other datasets are checked on the labels their batches carry, in ``_Run``)."""
+    try:
+        labels = raw_labels(data, decode=False)
+    except TypeError:  # not a Dataset / DataLoader: left to the feature pass, as before
+        return
+    if labels is None:
+        return
+    if labels.numel() == 0:
+        raise EvaluationError(f"{split} is empty")
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)
+    check_labels(labels, num_classes, error=EvaluationError, name=f"the {split} labels")
+
+
 class _Run:
     """State shared by the metrics of one ``evaluate`` call (one method per metric)."""
 
@@ -145,15 +166,29 @@ class _Run:
         self.cache.add_split("train", train_data)
         self.cache.add_split("test", test_data)
         self._test_labels: torch.Tensor | None = None
+        self._checked: set[str] = set()
 
     def note(self, text: str) -> None:
         self.report.notes.append(text)
+
+    def _get(self, role: str, split: str):
+        """The cache's entry, its labels checked once per split (class ids 0..C-1)."""
+        entry = self.cache.get(role, split)
+        if split not in self._checked:
+            bad = entry.labels[(entry.labels < 0) | (entry.labels >= self.C)]
+            if bad.numel():
+                raise EvaluationError(
+                    f"the {split}_data labels hold {bad.numel()} value(s) outside "
+                    f"0..{self.C - 1}: {sorted(set(bad.tolist()))[:10]}; expected integer "
+                    f"class ids of the model's {self.C} classes")
+            self._checked.add(split)
+        return entry
 
     @property
     def test_labels(self) -> torch.Tensor:
         if self._test_labels is None:
             # the labels the batches carried (a target_transform applies), in dataset order
-            self._test_labels = self.cache.get("model", "test").labels
+            self._test_labels = self._get("model", "test").labels
             if not bool(torch.isin(self._test_labels, torch.tensor(self.forget)).any()):
                 self.note(f"the test data has no sample of the forget classes {self.forget}: "
                           "forget-class test metrics are undefined")
@@ -173,7 +208,7 @@ class _Run:
     # ------------------------------------------------------------------ metrics
     def accuracy(self) -> None:
         for role in self.models:
-            tr, te = self.cache.get(role, "train"), self.cache.get(role, "test")
+            tr, te = self._get(role, "train"), self._get(role, "test")
             self.report.accuracy[role] = accuracy_metrics(
                 tr.logits, tr.labels, te.logits, te.labels, self.forget, self.C)
         if "original" in self.report.accuracy:
@@ -185,7 +220,7 @@ class _Run:
 
     def mia(self) -> None:
         for role in self.models:
-            tr, te = self.cache.get(role, "train"), self.cache.get(role, "test")
+            tr, te = self._get(role, "train"), self._get(role, "test")
             mtr, mte = self._forget_mask(tr.labels), self._forget_mask(te.labels)
             self.report.mia[role] = membership_inference(
                 per_sample_loss(tr.logits[mtr], tr.labels[mtr]),
@@ -199,7 +234,7 @@ class _Run:
         for role in self.models:
             if not self._features_or_note(role, "probe"):
                 continue
-            tr, te = self.cache.get(role, "train"), self.cache.get(role, "test")
+            tr, te = self._get(role, "train"), self._get(role, "test")
             self.report.probe[role] = linear_probe(
                 tr.features, tr.labels, te.features, te.labels, self.forget, self.C,
                 epochs=self.cfg.probe_epochs, min_steps=self.cfg.probe_min_steps,

@@ -202,6 +202,12 @@ def analyse(
                 f"head {head!r} is not a submodule of the model; modules after the feature "
                 f"map: {list(head_modules)}"
             ) from err
+        if not _is_head(gm, head, head_modules):
+            raise SurgeryError(
+                f"head {head!r} is not a classifier: it is not a module with parameters "
+                f"between the feature map {feat.name!r} and the logits; the head modules "
+                f"there are {list(head_modules)}"
+            )
 
     # channel layout: the channel dim is the one the pooled vector keeps
     pooled = next((node_shape(n) for n in nodes if n in segment and node_shape(n) is not None
@@ -218,6 +224,20 @@ def analyse(
         head_modules=head_modules,
         feature_shape=tuple(fshape[1:]),
     )
+
+
+def _is_head(gm: fx.GraphModule, head: str, head_modules: Sequence[str]) -> bool:
+    """``head`` is one of ``head_modules`` (the modules with parameters between the
+    feature map and the logits), or a container of some of them (timm's ``head``) whose
+    every parameter belongs to one."""
+    if head in head_modules:
+        return True
+    if not head or not any(h.startswith(head + ".") for h in head_modules):
+        return False
+    names = [f"{head}.{n}".rpartition(".")[0] for n, _ in
+             gm.get_submodule(head).named_parameters()]
+    return bool(names) and all(any(n == h or n.startswith(h + ".") for h in head_modules)
+                               for n in names)
 
 
 def _step_back_over_conv_classifier(

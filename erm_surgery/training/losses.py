@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..surgery.mask import ERMMask
+from ..surgery.mask import ERMMask, apply_channel_mask
 
 __all__ = ["ERMConfig", "l1_hinge", "inner_product", "erm_loss", "find_mask", "is_erm_epoch"]
 
@@ -43,6 +43,12 @@ class ERMConfig:
         g_lr: learning rate of ``G``'s own optimiser (Adam: its step is about ``g_lr`` per
             entry whatever the loss scale, so ``G`` settles in a few epochs instead of the
             paper's hundreds).
+        lambda4: weight of the prohibition term (not in the paper, issue 13): on the ERM
+            path each sample's map is also multiplied by the *complement* of its class's
+            row (channels with ``G[y] <= 0``, exactly what :func:`prohibition_accuracy`
+            keeps) and ``-log(1 - p_y)`` of those logits is added, so the class may not be
+            readable from channels outside its row. Same backbone pass, one extra head pass;
+            0 turns it off (the paper's objective).
     """
 
     lambda1: float = 1.0
@@ -55,6 +61,7 @@ class ERMConfig:
     warmup_epochs: int = 1
     projection: str = "row"
     g_lr: float = 0.05
+    lambda4: float = 1.0
 
     def __post_init__(self) -> None:
         if self.erm_every < 1:
@@ -67,6 +74,8 @@ class ERMConfig:
             raise ValueError(f"projection must be 'row' or 'channel', got {self.projection!r}")
         if self.p <= 0:
             raise ValueError(f"p must be > 0, got {self.p}")
+        if self.lambda4 < 0:
+            raise ValueError(f"lambda4 must be >= 0, got {self.lambda4}")
 
     def budget(self, num_classes: int, num_channels: int) -> float:
         """``alpha``: the L1 budget of the whole ``G``."""
@@ -99,12 +108,16 @@ def inner_product(G: torch.Tensor) -> torch.Tensor:
     return 0.5 * (total.pow(2).sum() - G.pow(2).sum())
 
 
-def find_mask(model: nn.Module) -> ERMMask:
-    """The ``ERMMask`` of an attached model, also through DDP, Accelerate or torch.compile."""
+def _attached(model: nn.Module) -> nn.Module:
     for attr in ("module", "_orig_mod"):
         while hasattr(model, attr) and not hasattr(model, "erm"):
             model = getattr(model, attr)
-    mask = getattr(model, "erm", None)
+    return model
+
+
+def find_mask(model: nn.Module) -> ERMMask:
+    """The ``ERMMask`` of an attached model, also through DDP, Accelerate or torch.compile."""
+    mask = getattr(_attached(model), "erm", None)
     if not isinstance(mask, ERMMask):
         raise TypeError("the model has no ERM mask: call erm_surgery.attach(model) first")
     return mask
@@ -122,17 +135,36 @@ def erm_loss(
 
     ``model`` is an attached model, possibly wrapped (DDP, ``accelerator.prepare``).
     Returns the scalar loss, or ``(loss, terms)`` with the detached ``ce``, ``l1``,
-    ``inner`` parts and the ERM-path ``logits``.
+    ``inner``, ``prohibit`` parts and the ERM-path ``logits``.
+
+    With ``config.lambda4 > 0`` (and a model whose head reads only the feature map) the
+    backbone runs once, unmasked, through ``model`` (so DDP sees the call); the map is then
+    multiplied by ``G[y]`` and by the complement ``G[y] <= 0`` and both go through the head
+    as one batch.
     """
     config = config or ERMConfig()
     G = find_mask(model).G
-    logits = model(x, labels=y)
+    inner_model = _attached(model)
+    prohibit = torch.zeros((), device=G.device)
+    if config.lambda4 > 0 and getattr(inner_model, "has_head_graph", False):
+        feats = model(x, return_features=True)
+        rows = G[y]
+        dim = inner_model.surgery.channel_dim
+        both = torch.cat([apply_channel_mask(feats, rows, dim),
+                          apply_channel_mask(feats, (rows <= 0).to(feats.dtype), dim)])
+        logits, rest = inner_model.forward_head(both).split(y.shape[0])
+        # -log(1 - p_y) of the prohibited logits: the class must not survive prohibition
+        log_p = F.log_softmax(rest.float(), dim=1).gather(1, y[:, None]).squeeze(1)
+        prohibit = -torch.log1p(-log_p.exp().clamp_max(1 - 1e-6)).mean()
+    else:
+        logits = model(x, labels=y)
     ce = F.cross_entropy(logits, y)
     l1 = l1_hinge(G, config.budget(*G.shape), config.p)
     inner = inner_product(G)
-    loss = config.lambda1 * ce + config.lambda2 * l1 + config.lambda3 * inner
+    loss = (config.lambda1 * ce + config.lambda2 * l1 + config.lambda3 * inner
+            + config.lambda4 * prohibit)
     if not return_terms:
         return loss
     terms = {"ce": ce.detach(), "l1": l1.detach(), "inner": inner.detach(),
-             "logits": logits.detach()}
+             "prohibit": prohibit.detach(), "logits": logits.detach()}
     return loss, terms

@@ -5,6 +5,10 @@
 cross-entropy; ERM epochs update the weights and ``G`` with :func:`erm_loss`, then project
 ``G``. ``G`` has its own Adam optimiser, stepped only on ERM epochs, so momentum or weight
 decay never move it during STD epochs.
+
+(Over 400 lines on purpose: :class:`ERMTrainer` and :func:`train` share one set of run
+settings, written out as keyword arguments with their documentation rather than hidden in
+``**kwargs``.)
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -26,18 +31,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import atomic_write, save
-from ..data import as_dataset, shuffled_loader
-from ..errors import CheckpointError
+from ..data import as_dataset, check_labels, shuffled_loader
+from ..errors import CheckpointError, TrainingError, warn_user
 from ..surgery import ERMModel
 from . import g_metrics as metrics
+from .checks import NonFiniteWatch, check_training_data
+from .health import WEAK_PROHIBITION, ERMHealth, erm_health
 from .losses import ERMConfig, erm_loss, is_erm_epoch
 from .optim import cosine_schedule, make_optimizer
 
-__all__ = ["EpochStats", "TrainResult", "ERMTrainer", "train", "make_accelerator",
-           "std_accuracy"]
+__all__ = ["EpochStats", "TrainResult", "ERMHealth", "erm_health", "ERMTrainer", "train",
+           "make_accelerator", "std_accuracy"]
 
 _STATE_FILE = "trainer_state.pt"
 _MODEL_FILE = "model.safetensors"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / _STATE_FILE).is_file() and (path / _MODEL_FILE).is_file()
 
 
 @dataclass
@@ -68,14 +79,17 @@ class TrainResult:
     model: ERMModel
     history: list[EpochStats] = field(default_factory=list)
     config: ERMConfig = field(default_factory=ERMConfig)
+    health: ERMHealth | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "history": [asdict(h) for h in self.history]}
+        return {"config": self.config.to_dict(), "history": [asdict(h) for h in self.history],
+                "health": asdict(self.health) if self.health is not None else None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
 
+#: prohibited-class accuracy above which train() warns (paper Table 2 reaches ~0)
 def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1):
     """An ``Accelerator`` that uses the GPUs when there are any and gloo on CPUs otherwise.
 
@@ -104,14 +118,23 @@ def std_accuracy(model: nn.Module, loader: DataLoader, accelerator=None) -> floa
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long)
+    outside = torch.zeros((), dtype=torch.long)  # labels outside 0..C-1 (one sync, at the end)
     total = 0
     for x, y in loader:
-        pred = model(x).argmax(dim=1)
+        logits = model(x)
+        if total == 0:  # the first batch: float, one-hot or (N, 1) labels
+            check_labels(y, logits.shape[1], error=TrainingError, name="the val_data labels")
+        pred = logits.argmax(dim=1)
         if accelerator is not None:
             pred, y = accelerator.gather_for_metrics((pred, y))
         correct = correct + (pred == y).sum().cpu()
+        outside = outside + ((y < 0) | (y >= logits.shape[1])).sum().cpu()
         total += y.numel()
     model.train(was_training)
+    if int(outside):
+        raise TrainingError(f"{int(outside)} val_data labels lie outside 0..{logits.shape[1] - 1}"
+                            f": expected integer class ids of the model's "
+                            f"{logits.shape[1]} classes")
     return float(correct) / max(total, 1)
 
 
@@ -151,6 +174,11 @@ class ERMTrainer:
             raise ValueError("a scheduler needs the optimizer it drives: pass optimizer= too")
         if checkpoint_every and output_dir is None:
             raise ValueError("checkpoint_every needs output_dir= to write checkpoints to")
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if not math.isfinite(float(value)):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        # labels, emptiness, one-sample batches: refused before anything is changed
+        self._check_first_batch = check_training_data(model, train_data, val_data)
         self.model = model
         self.config = config or ERMConfig()
         self.epochs = epochs
@@ -178,6 +206,10 @@ class ERMTrainer:
         else:
             train_loader = shuffled_loader(as_dataset(train_data), batch_size,
                                            generator=self._generator, num_workers=num_workers)
+        self._settings = {  # a resumed run must match them (load_checkpoint)
+            "epochs": epochs, "batch_size": train_loader.batch_size, "seed": seed,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "config": self.config.to_dict()}
         val_loader = None
         if val_data is not None:
             val_loader = val_data if isinstance(val_data, DataLoader) else DataLoader(
@@ -202,6 +234,7 @@ class ERMTrainer:
         self.val_loader = acc.prepare(val_loader) if val_loader is not None else None
         self.history: list[EpochStats] = []
         self.start_epoch = 0
+        self._watch = NonFiniteWatch(acc.device, "ERM training", TrainingError, acc)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -209,13 +242,19 @@ class ERMTrainer:
         """Write model, optimisers, scheduler, RNG and history to folder ``path``.
 
         The folder is assembled under a temp name and swapped in, so a crash leaves the
-        previous checkpoint intact. Only the main process writes.
+        previous checkpoint intact (as ``path`` or, when killed mid-swap, as ``path.old``,
+        which :meth:`load_checkpoint` falls back to). Temp folders a killed save left behind
+        are removed. Only the main process writes.
         """
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
+            stale = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")  # mkdtemp's names
+            for old_tmp in path.parent.glob(f".{path.name}.*"):
+                if old_tmp.is_dir() and stale.fullmatch(old_tmp.name):
+                    shutil.rmtree(old_tmp, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
             try:
                 save(acc.unwrap_model(self.wrapped), tmp / _MODEL_FILE)
@@ -227,6 +266,7 @@ class ERMTrainer:
                     "torch_rng": torch.get_rng_state(),
                     "history": [asdict(h) for h in self.history],
                     "config": self.config.to_dict(),
+                    "settings": self._settings,
                 }
                 torch.save(state, tmp / _STATE_FILE)
                 old = path.with_name(path.name + ".old")
@@ -243,12 +283,18 @@ class ERMTrainer:
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not (path / _STATE_FILE).is_file() or not (path / _MODEL_FILE).is_file():
+        old = path.with_name(path.name + ".old")
+        if not path.exists() and _is_checkpoint(old):  # a save killed mid-swap
+            warn_user(f"{path} is missing; resuming from {old}, the checkpoint a save "
+                      "interrupted between its two renames kept")
+            path = old
+        if not _is_checkpoint(path):
             raise CheckpointError(f"{path} is not a training checkpoint folder (expected "
                                   f"{_MODEL_FILE} and {_STATE_FILE})")
         state = torch.load(path / _STATE_FILE, weights_only=True, map_location="cpu")
         tensors = load_file(str(path / _MODEL_FILE))
         model = self.accelerator.unwrap_model(self.wrapped)
+        self._check_resume(path, state, tensors, model)  # before anything is loaded
         model.model.load_state_dict({k[6:]: v for k, v in tensors.items()
                                      if k.startswith("model.")})
         model.erm.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("erm.")})
@@ -258,6 +304,50 @@ class ERMTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.history = [EpochStats(**h) for h in state["history"]]
         self.start_epoch = int(state["epoch"])
+
+    def _check_resume(self, path: Path, state: dict[str, Any],
+                      tensors: dict[str, torch.Tensor], model: ERMModel) -> None:
+        """The checkpoint must fit the model (keys, shapes), the optimiser and this run's
+        settings (batch size, seed, ERMConfig...; ``epochs`` may grow)."""
+        expected = {f"{prefix}.{k}": tuple(v.shape)
+                    for prefix, module in (("model", model.model), ("erm", model.erm))
+                    for k, v in module.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        problems = [f"missing {k}" for k in expected if k not in found][:5]
+        problems += [f"unexpected {k}" for k in found if k not in expected][:5]
+        problems += [f"{k}: {found[k]} in the checkpoint, {shape} in the model"
+                     for k, shape in expected.items() if k in found and found[k] != shape][:5]
+        if problems:
+            raise CheckpointError(
+                f"cannot resume from {path}: it does not match the model (another "
+                f"architecture or class count?): {'; '.join(problems)}. Nothing was loaded")
+        groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise CheckpointError(f"cannot resume from {path}: its optimiser state has "
+                                  f"parameter groups of sizes {groups}, this run's optimiser "
+                                  "others. Nothing was loaded")
+        recorded = dict(state.get("settings") or {})
+        recorded.setdefault("config", state.get("config"))
+        differ = []
+        for key, ours in self._settings.items():
+            theirs = recorded.get(key)
+            if theirs is None or (key == "epochs" and ours >= theirs):
+                continue
+            if key == "config":
+                # a field the checkpoint lacks is newer than it: not a difference
+                differ += [f"config.{k}={ours[k]!r} (checkpoint: {theirs[k]!r})"
+                           for k in ours if k in theirs and ours[k] != theirs[k]]
+            elif ours != theirs:
+                differ.append(f"{key}={ours!r} (checkpoint: {theirs!r})")
+        done = int(state["epoch"])
+        if done > self.epochs and "epochs" not in recorded:  # a checkpoint without settings
+            differ.append(f"epochs={self.epochs} (the checkpoint already finished {done})")
+        if differ:
+            raise CheckpointError(
+                f"cannot resume from {path}: this run's settings differ from the ones it was "
+                f"written with: {', '.join(differ)}. A resumed run continues exactly only "
+                "with the same settings (epochs may grow); pass them, or start a new run "
+                "without resume_from. Nothing was loaded")
 
     # ------------------------------------------------------------------ the loop
 
@@ -277,7 +367,12 @@ class ERMTrainer:
         model.train()
         self._generator.manual_seed(self.seed * 100_003 + epoch)
         sums = torch.zeros(3, device=acc.device)  # loss * n, correct, n (no per-step sync)
+        self._watch.start(epoch)
         for x, y in self.train_loader:
+            if self._check_first_batch:  # labels not readable up front: the first batch's
+                check_labels(y, mask.G.shape[0], error=TrainingError,
+                             name="the training labels (first batch)")
+                self._check_first_batch = False
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with acc.accumulate(model):
@@ -304,8 +399,10 @@ class ERMTrainer:
             sums += torch.stack([loss.detach().float() * n,
                                  (logits.argmax(dim=1) == y).sum().float(),
                                  torch.tensor(float(n), device=sums.device)])
+            self._watch.update(loss)  # host look every CHECK_FINITE_EVERY batches
             if progress is not None:
                 progress.update(1)
+        self._watch.check()
         sums = acc.reduce(sums, reduction="sum").cpu()
         return float(sums[0] / sums[2].clamp_min(1)), float(sums[1] / sums[2].clamp_min(1))
 
@@ -346,7 +443,20 @@ class ERMTrainer:
                     self.save_checkpoint(self.output_dir / "checkpoint")
         finally:
             progress.close()
-        result = TrainResult(model=model, history=self.history, config=self.config)
+        health = erm_health(model, self.val_loader)
+        if acc.is_main_process:
+            if self.show_progress:
+                print(health, flush=True)
+            # a run without ERM epochs (plain training) leaves G untouched: nothing to warn
+            if health.weak and any(h.path == "erm" for h in self.history):
+                warn_user(
+                    f"ERM prohibition is weak: with its channels prohibited a class keeps "
+                    f"{health.prohibited:.1%} accuracy on val_data (target <= "
+                    f"{WEAK_PROHIBITION:.0%}), so unlearning by G will leave it readable. "
+                    "Train more epochs, keep ERMConfig.lambda4 > 0 (the prohibition term), "
+                    "or check erm_surgery.prohibition_accuracy per class")
+        result = TrainResult(model=model, history=self.history, config=self.config,
+                             health=health)
         if self.output_dir is not None and acc.is_main_process:
             atomic_write(self.output_dir / "history.json",
                          lambda tmp: Path(tmp).write_text(result.to_json()))
@@ -408,6 +518,17 @@ def train(
         callbacks: objects with optional ``on_before_step(trainer, x, y)`` /
             ``on_after_step(trainer, x, y)``, called around every optimizer step.
         channels_last: NHWC weights and inputs, for GPUs with AMP.
+
+    Raises:
+        ValueError: bad arguments (``epochs < 1``, an ``lr`` / ``weight_decay`` that is NaN
+            or infinite, ...).
+        TrainingError: before any work, empty data, one sample with BatchNorm, or training
+            / ``val_data`` labels that are not integer class ids ``0..C-1``; during the run,
+            a NaN / Inf loss (read every :data:`CHECK_FINITE_EVERY` batches and at each
+            epoch's end; the message names the epoch and the batches).
+        CheckpointError: ``resume_from`` is not a training checkpoint, does not fit the
+            model, or was written with other run settings (``epochs`` may grow); nothing
+            is loaded then.
     """
     trainer = ERMTrainer(model, train_data, epochs=epochs, val_data=val_data,
                          optimizer=optimizer, scheduler=scheduler, config=config,

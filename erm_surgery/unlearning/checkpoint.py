@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import load, read_metadata, save
+from ..checkpoint import file_lock, load, read_metadata, save
 from ..errors import UnlearningError
 from ..surgery import ERMModel
 from .registry import get_method, unlearn
@@ -39,7 +39,12 @@ def unlearn_checkpoint(
     """Algorithm 3 on a file: load, unlearn, and atomically replace the checkpoint.
 
     The new checkpoint is written to a temp file and renamed over ``path``, so no copy of
-    the teacher is left behind and a crash leaves the old file whole. ``kwargs`` go to
+    the teacher is left behind and a crash leaves the old file whole. A symlink's target is
+    replaced (the link stays) with its mode kept; a file with other hard links gets a
+    ``UserWarning``, since those names still hold the teacher. The file's write lock
+    (:func:`erm_surgery.checkpoint.file_lock`) is held from reading the teacher to the
+    rename, so concurrent requests on one file apply one after the other, each on the
+    result of the one before. ``kwargs`` go to
     :func:`unlearn` (``method=``, config overrides). Returns the method's info. Methods
     whose result ``erm_surgery.load`` cannot rebuild (``MethodSpec.reloadable``) are
     refused before the file is touched.
@@ -50,13 +55,15 @@ def unlearn_checkpoint(
             f"method {spec.name!r} returns a model that erm_surgery.load() cannot rebuild "
             f"from the base model; {path} was left as it was. Unlearn in memory and save "
             "the result yourself, or use a reloadable method such as ktp")
-    extra = dict(read_metadata(path).get("extra") or {})
-    teacher = load(path, base_model)
-    student = unlearn(teacher, classes, data, **kwargs)
-    if not isinstance(student, ERMModel):  # a spec that claims reloadable but is not
-        raise UnlearningError(f"method {spec.name!r} returned a plain "
-                              f"{type(student).__name__}; {path} was left as it was")
-    del teacher
-    info = student.__dict__["unlearning_info"]
-    save(student, Path(path), extra=record_unlearning(extra, info))
+    read_metadata(path)  # a missing or bad file: its error before taking the lock
+    with file_lock(path):  # a concurrent request waits, then reads our result
+        extra = dict(read_metadata(path).get("extra") or {})
+        teacher = load(path, base_model)
+        student = unlearn(teacher, classes, data, **kwargs)
+        if not isinstance(student, ERMModel):  # a spec that claims reloadable but is not
+            raise UnlearningError(f"method {spec.name!r} returned a plain "
+                                  f"{type(student).__name__}; {path} was left as it was")
+        del teacher
+        info = student.__dict__["unlearning_info"]
+        save(student, Path(path), extra=record_unlearning(extra, info))
     return info

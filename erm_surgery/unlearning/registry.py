@@ -106,8 +106,8 @@ def resolve_config(cls: type[C], config: C | None, overrides: dict[str, Any], *,
     if config is None:
         config = cls()
     elif not isinstance(config, cls):
-        raise TypeError(f"config must be a {cls.__name__} for {who}, got "
-                        f"{type(config).__name__}")
+        raise TypeError(f"{who} takes config={cls.__name__}(...): config must be a "
+                        f"{cls.__name__}, got {type(config).__name__}")
     if overrides:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(overrides) - names)
@@ -144,7 +144,15 @@ def register_method(name: str, *, config: type, info: type = MethodInfo,
         def run(model: nn.Module, classes: Iterable[int], data: Any, *,
                 config: Any = None, accelerator: Any = None,
                 **overrides: Any) -> tuple[nn.Module, Any]:
-            extras = {k: overrides.pop(k) for k in list(overrides) if k in spec.extras()}
+            accepted = spec.extras()
+            extras = {k: overrides.pop(k) for k in list(overrides) if k in accepted}
+            fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+            unknown = sorted(set(overrides) - fields)
+            if unknown:
+                raise TypeError(
+                    f"unknown option(s) {unknown} for method {name!r}; accepted: the fields "
+                    f"of {spec.config_cls.__name__} {sorted(fields)}"
+                    + (f" and the method's own arguments {sorted(accepted)}" if accepted else ""))
             cfg = spec.make_config(config, model, **overrides)
             start = time.perf_counter()
             out, result = fn(model, classes, data, config=cfg, accelerator=accelerator,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data import as_dataset, check_class_ids, get_labels
+from ..data import as_dataset, check_class_ids, check_labels, raw_labels
 from ..errors import UnlearningError
 from ..surgery import ERMModel, find_classifier, num_classes_of, unwrap
 
@@ -51,7 +51,8 @@ def check_forget_classes(model: nn.Module, classes: Iterable[int], *,
     """Validate an unlearning request; returns the sorted class ids.
 
     Shared by every method. Errors name the problem: not attached (when the method needs
-    ``G``), empty, duplicates, unknown ids, already forgotten, or nothing left to keep.
+    ``G``), empty, duplicates, unknown ids, already forgotten, nothing left to keep, or a
+    model whose ``G`` or head parameters hold NaN / Inf (a diverged training run).
     """
     if not isinstance(model, nn.Module):
         raise UnlearningError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -62,6 +63,7 @@ def check_forget_classes(model: nn.Module, classes: Iterable[int], *,
     C = num_classes_of(model)
     ids = check_class_ids(classes, C, error=UnlearningError, name="the classes to forget",
                           allow_duplicates=False)
+    _check_finite(model, C)
     already = model.erm.forgotten_classes if isinstance(model, ERMModel) else []
     gone = sorted(set(ids) & set(already))
     if gone:
@@ -74,18 +76,46 @@ def check_forget_classes(model: nn.Module, classes: Iterable[int], *,
     return sorted(ids)
 
 
+@torch.no_grad()
+def _check_finite(model: nn.Module, num_classes: int) -> None:
+    """Refuse a model whose ``G`` or head holds NaN / Inf: the channels to prohibit and the
+    head FKT copies would be meaningless (a NaN row of ``G`` prohibits no channel)."""
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(model, ERMModel):
+        tensors["G"] = model.erm.G
+        modules = dict(model.model.named_modules())
+        for name in model.surgery.head_modules:
+            if name in modules:  # a method's fx edit may have renamed a head module
+                for key, p in modules[name].named_parameters():
+                    tensors[f"{name}.{key}"] = p
+    else:
+        found = find_classifier(unwrap(model), num_classes)
+        if found is not None:
+            tensors.update({f"{found[0]}.{k}": p for k, p in found[1].named_parameters()})
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UnlearningError(
+            f"the model holds NaN or Inf values in {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}: its training diverged (non-finite inputs, a "
+            "too high or non-finite lr, an fp16 loss scale). Unlearning it would give a "
+            "meaningless result; retrain or load a finite checkpoint first")
+
 
 def labels_of(data: Dataset | DataLoader, num_classes: int) -> torch.Tensor:
-    """Labels of ``data`` (1-D int64), or an :class:`UnlearningError` saying what is wrong."""
+    """Labels of ``data`` (1-D int64), or an :class:`UnlearningError` saying what is wrong:
+    no labels, empty, or labels that are not class ids ``0..num_classes - 1``
+    (:func:`erm_surgery.data.check_labels`: float labels are refused, never truncated; an
+    ``(N, 1)`` column is read as ``N`` labels)."""
     try:
-        labels = get_labels(data)
-    except (ValueError, TypeError) as err:
+        labels = raw_labels(data)
+    except (ValueError, TypeError, RuntimeError) as err:
         raise UnlearningError(f"the data has no labels: {err}") from err
+    assert labels is not None  # decode=True iterates a dataset without fast labels
     if labels.numel() == 0:
         raise UnlearningError("the data is empty")
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise UnlearningError(f"the data has labels outside 0..{num_classes - 1}")
-    return labels
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)
+    return check_labels(labels, num_classes, error=UnlearningError, name="the data's labels")
 
 
 @dataclass

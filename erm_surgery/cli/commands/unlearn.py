@@ -9,6 +9,8 @@ The method list and each method's options come from the registry
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import textwrap
 import time
 from collections.abc import Sequence
@@ -202,8 +204,46 @@ def _check_method(spec: Any, args: argparse.Namespace, meta: dict[str, Any]) -> 
                          f"{', '.join(free)}")
 
 
+def _check_request(classes: Sequence[int], meta: dict[str, Any], num_classes: int,
+                   checkpoint: str) -> None:
+    """Refuse classes the checkpoint has already forgotten, or forgetting every class."""
+    done = set(meta.get("forgotten_classes") or [])
+    already = sorted(set(classes) & done)
+    if already:
+        raise UsageError(f"classes {already} are already forgotten in {checkpoint}")
+    if len(set(classes) | done) >= num_classes:
+        raise UsageError("the request would forget every class; keep at least one")
+
+
+def _check_output(src: Path, out: Path, in_place: bool) -> None:
+    """Refuse, before any work, an output that would replace the original without
+    --in-place, or that cannot be written (a folder, a parent that cannot be created)."""
+    if in_place:
+        return
+    real = Path(os.path.realpath(out))
+    if real == Path(os.path.realpath(src)):
+        raise UsageError(f"--out {out} is the checkpoint itself; pass --in-place (without "
+                         "--out) to replace it")
+    if real.is_dir():
+        raise UsageError(f"--out {out} is a folder; pass a file path such as "
+                         f"{out / src.name}")
+    parent = real.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write --out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write --out {out}: no permission to write in {parent}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Forget classes of a checkpoint; write the unlearned model to a new file (or in place)."""
+    with contextlib.ExitStack() as hold:  # the --in-place write lock, if taken
+        return _run(args, hold)
+
+
+def _run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
+    from ...checkpoint import file_lock, other_links
     from ...surgery import is_attached
     from ...training import make_accelerator
     from ...unlearning import get_method, record_unlearning, unlearn
@@ -212,33 +252,36 @@ def run(args: argparse.Namespace) -> int:
     meta, spec = read_checkpoint(args.checkpoint)
     names = recorded_class_names(meta)
     classes = parse_classes(args.classes, spec.num_classes, names)
-    already = sorted(set(classes) & set(meta.get("forgotten_classes") or []))
-    if already:
-        raise UsageError(f"classes {already} are already forgotten in {args.checkpoint}")
-    if len(set(classes) | set(meta.get("forgotten_classes") or [])) >= spec.num_classes:
-        raise UsageError("the request would forget every class; keep at least one")
+    _check_request(classes, meta, spec.num_classes, args.checkpoint)
     options = {"flags": {field: getattr(args, field) for field in CONVENIENCE_FLAGS},
                "sets": args.set or [], "recipe": args.recipe}
     run_settings = {"seed": args.seed, "show_progress": not args.no_progress}
     method_config(method, **options, run=run_settings)  # every option error, before the data
     if args.in_place and args.out:
         raise UsageError("pass --out or --in-place, not both")
-    _check_method(method, args, meta)
-    dataset, root = data_for_checkpoint(args, meta)
-    run_settings["num_workers"] = resolve_workers(args.workers, dataset)
-    config = method_config(method, **options, run=run_settings)
     src = Path(args.checkpoint)
     out = src if args.in_place else Path(
         args.out or src.with_name(f"{src.stem}-forget-{'-'.join(map(str, classes))}"
                                   f"{src.suffix}"))
+    _check_output(src, out, args.in_place)
+    _check_method(method, args, meta)
+    dataset, root = data_for_checkpoint(args, meta)
+    run_settings["num_workers"] = resolve_workers(args.workers, dataset)
+    config = method_config(method, **options, run=run_settings)
 
     data = load_matching_data(dataset, root, spec, args.max_samples)
+    accelerator = make_accelerator(args.mixed_precision)
+    main = accelerator.is_main_process
+    if args.in_place and main:
+        # held from reading the teacher to the rename: a concurrent --in-place run waits,
+        # then unlearns this run's result
+        hold.enter_context(file_lock(src))
     model, meta, spec = load_checkpoint(src)
+    if args.in_place:  # another run may have replaced the file since the checks above
+        _check_request(classes, meta, spec.num_classes, args.checkpoint)
     if method.default_config is not None:
         # the method's defaults depend on the model (e.g. SISA's training config)
         config = method_config(method, **options, run=run_settings, model=model)
-    accelerator = make_accelerator(args.mixed_precision)
-    main = accelerator.is_main_process
     if main:
         echo(f"data:  {data.describe()}")
         echo(f"model: {spec.model} from {src}; forgetting classes "
@@ -256,7 +299,9 @@ def run(args: argparse.Namespace) -> int:
     kept = {k: v for k, v in (meta.get("extra") or {}).items() if k not in (SPEC_KEY, DATA_KEY)}
     extra = record_unlearning(kept, info if info is not None else args.method,
                               source=str(src))
+    links = other_links(out)  # hard links keep the original: say so (the library warns)
     save_checkpoint(student, out, spec, data.to_meta(), **extra)
+    hold.close()
     forget_acc, retain_acc = _test_accuracy(student, data.test, classes)
     echo()
     if info is not None and hasattr(info, "prohibited_channels"):
@@ -270,7 +315,11 @@ def run(args: argparse.Namespace) -> int:
                  + ", ".join(f"{c}: {f:.0%}" for c, f in lost.items()))
     echo(f"test accuracy: forget classes {100 * forget_acc:.1f}%, retain classes "
          f"{100 * retain_acc:.1f}%  ({seconds:.1f} s)")
-    echo(f"saved {out}" + (" (replaced in place: no copy of the original is left)"
-                           if args.in_place else ""))
+    if args.in_place and links:
+        echo(f"saved {out} (replaced in place, but {links} other hard link(s) to it still "
+             "hold the original: delete them too)")
+    else:
+        echo(f"saved {out}" + (" (replaced in place: no copy of the original is left)"
+                               if args.in_place else ""))
     echo(f"next:  {PROG} evaluate {out}" + ("" if args.in_place else f" --original {src}"))
     return 0

@@ -24,8 +24,9 @@ atomically so no copy of the teacher is left behind (Algorithm 3).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -34,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ...data import shuffled_loader
+from ...data import batch_statistics, shuffled_loader
 from ...errors import UnlearningError, warn_user
 from ...surgery import ERMModel, attach
+from ...training.checks import NonFiniteWatch
 from ...training.optim import cosine_schedule
 from ...unlearning.registry import register_method
 from ...unlearning.request import parse_request, reinitialised, seeded_rng
@@ -129,8 +131,24 @@ def ktp(
     initialisation, data order, dropout), so the result does not depend on, and does not
     advance, the caller's global torch RNG.
     """
-    with seeded_rng(config.seed):
+    with seeded_rng(config.seed), _restored(model):
         return _ktp(model, classes, data, config, accelerator, student)
+
+
+@contextlib.contextmanager
+def _restored(teacher: nn.Module) -> Iterator[None]:
+    """The teacher's train/eval mode and device, as they were, however the call ends: the
+    distillation runs it in eval mode on the accelerator's device, and an error there
+    (bad data, a NaN loss, an interrupt) must not leave it so."""
+    if not isinstance(teacher, ERMModel):
+        yield
+        return
+    mode, device = teacher.training, teacher.erm.G.device
+    try:
+        yield
+    finally:
+        teacher.train(mode)
+        teacher.to(device)
 
 
 def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
@@ -160,6 +178,11 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     idx = (request.retain_idx if config.distill_on == "retain"
            else list(range(len(request.labels))))
     distill_set = Subset(dataset, idx)
+    if len(distill_set) < 2 and batch_statistics(model):
+        raise UnlearningError(
+            f"KTP distils on {len(distill_set)} sample ({config.distill_on} data): the "
+            "model normalises with batch statistics (BatchNorm), which need more than one "
+            "value per channel in a training batch; pass more data of the classes to keep")
 
     G = teacher.erm.G.detach()
     keep = teacher.erm.keep_mask(forget, config.threshold)
@@ -174,15 +197,28 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
 
     s, same = _fresh_student(teacher, student, config.seed)
     s.train()
-    teacher_mode = teacher.training
-    teacher_device = teacher.erm.G.device
     teacher.eval()
-    teacher.to(device)  # moved back below: the caller's model is not changed
+    teacher.to(device)  # mode and device restored by _restored(), also on an error
     keep_f = keep.to(device=device, dtype=torch.float32)
     cd = teacher.surgery.channel_dim
     shape = [1, 1, 1, 1]
     shape[cd] = keep.numel()
     keep_map = keep_f.view(shape)
+    if teacher.has_head_graph and request.forget_idx:
+        # cheap (<= 256 samples, one feature pass): does the teacher's G prohibit the class?
+        with torch.no_grad():
+            sample = request.forget_idx[:256]
+            x = torch.stack([dataset[i][0] for i in sample]).to(device)
+            y = request.labels[torch.as_tensor(sample, dtype=torch.long)].to(device)
+            kept = teacher.forward_head(teacher.forward_features(x) * keep_map)
+            left = float((kept.argmax(1) == y).float().mean())
+        if left > 0.05:
+            warn_user(
+                f"the teacher's prohibition is weak: with the channels of classes {forget} "
+                f"prohibited it still classifies {left:.0%} of their training samples "
+                "correctly (target <= 5%), so KTP's student may keep them. Retrain the "
+                "teacher with erm_surgery.train defaults (ERMConfig.lambda4 > 0) or more "
+                "epochs; see TrainResult.health")
 
     # FKT first: the prohibited head feeds the label and logit terms during distillation
     blocked = transfer_head(teacher, s, keep.to(s.erm.G.device), forget, config.forget_bias)
@@ -226,8 +262,10 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         s.to(memory_format=torch.channels_last)
     wrapped, opt, loader, sched = acc.prepare(s, opt, loader, sched)
     last = torch.zeros((), device=device)
+    watch = NonFiniteWatch(device, "KTP distillation", UnlearningError, acc)
     progress.set_description("KTP distillation")
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
+        watch.start(epoch)
         for x, i in loader:
             if config.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -261,10 +299,10 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
             sched.step()
             opt.zero_grad(set_to_none=True)
             last = distill.detach()
+            watch.update(loss)  # host look every CHECK_FINITE_EVERY batches
             progress.update(1)
+        watch.check()
     progress.close()
-    teacher.train(teacher_mode)
-    teacher.to(teacher_device)
 
     s = acc.unwrap_model(wrapped)
     for p in frozen:
