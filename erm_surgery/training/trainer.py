@@ -6,9 +6,11 @@ cross-entropy; ERM epochs update the weights and ``G`` with :func:`erm_loss`, th
 ``G``. ``G`` has its own Adam optimiser, stepped only on ERM epochs, so momentum or weight
 decay never move it during STD epochs.
 
-(Over 400 lines on purpose: :class:`ERMTrainer` and :func:`train` share one set of run
+(Over 400 lines on purpose: the trainer owns its resumable checkpoints and the checks that
+a resume matches the run, and :class:`ERMTrainer` and :func:`train` share one set of run
 settings, written out as keyword arguments with their documentation rather than hidden in
-``**kwargs``.)
+``**kwargs``. Input checks, the ERM health summary and the prohibition table have their own
+modules: :mod:`.checks`, :mod:`.health`, :mod:`.prohibition`.)
 """
 
 from __future__ import annotations

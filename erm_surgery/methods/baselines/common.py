@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ...data import shuffled_loader
+from ...data import batch_statistics, shuffled_loader
+from ...errors import UnlearningError
 from ...surgery import unwrap
 from ...training.optim import Recipe, cosine_schedule
 from ...unlearning.request import MethodInfo, device_name, frozen_mask
@@ -74,6 +75,11 @@ def sgd_loop(
 
     from ...training import make_accelerator
 
+    if len(dataset) < 2 and batch_statistics(model):  # type: ignore[arg-type]
+        raise UnlearningError(
+            f"{desc}: the data holds {len(dataset)} sample(s) to train on, and the model "  # type: ignore[arg-type]
+            "normalises with batch statistics (BatchNorm), which need more than one value "
+            "per channel in a training batch; pass more data")
     acc = accelerator or make_accelerator()
     loader = shuffled_loader(dataset, recipe.batch_size, seed=recipe.seed)
     loss_fn = loss_fn or F.cross_entropy
