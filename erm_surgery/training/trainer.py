@@ -15,14 +15,16 @@ modules: :mod:`.checks`, :mod:`.health`, :mod:`.prohibition`.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from .losses import ERMConfig, erm_loss, is_erm_epoch
 from .optim import cosine_schedule, make_optimizer
 
 __all__ = ["EpochStats", "TrainResult", "ERMHealth", "erm_health", "ERMTrainer", "train",
-           "make_accelerator", "std_accuracy"]
+           "make_accelerator", "std_accuracy", "caller_state_kept", "TrainingData"]
 
 _STATE_FILE = "trainer_state.pt"
 _MODEL_FILE = "model.safetensors"
@@ -112,6 +114,69 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
             "created an Accelerator with another setting, and Accelerate allows one per "
             "process. Create one Accelerator yourself and pass it as accelerator= to every "
             "call, or run the call in a new process") from err
+
+
+@contextlib.contextmanager
+def caller_state_kept(*, rng: bool = False) -> Iterator[None]:
+    """Leave the caller's process as it was after a ``train()`` / ``unlearn()`` call.
+
+    Accelerate keeps the gradient-accumulation setting in one state shared by every
+    ``Accelerator`` of the process, so the default accelerator a call builds would reset
+    the caller's own ``Accelerator(gradient_accumulation_steps=4)`` to 1: it is restored.
+    With ``rng=True`` the global torch (CPU and CUDA), numpy and ``random`` generators run
+    forked: the call may seed them (``set_seed``) without moving the caller's streams.
+    """
+    from accelerate.state import GradientState
+
+    shared = GradientState._shared_state
+    had, kwargs = "plugin_kwargs" in shared, dict(shared.get("plugin_kwargs") or {})
+    with contextlib.ExitStack() as stack:
+        if rng:
+            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            np_state = _numpy_state()
+            py_state = random.getstate()
+        try:
+            yield
+        finally:
+            if had:
+                shared["plugin_kwargs"] = kwargs
+            if rng:
+                random.setstate(py_state)
+                if np_state is not None:
+                    import numpy as np
+
+                    np.random.set_state(np_state)
+
+
+def _numpy_state() -> Any:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return None
+    return np.random.get_state()
+
+
+class TrainingData:
+    """A reference (never a copy) to the data a model was trained on, kept by
+    :func:`train` as ``model.training_data`` so ``unlearn(model, classes)`` can use it.
+
+    It sits in the model's ``__dict__``, outside the module registry: ``state_dict`` and
+    checkpoints never see it, ``copy.deepcopy(model)`` shares it (``__deepcopy__`` returns
+    the holder itself) and pickling the model drops the data (it unpickles empty).
+    """
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __deepcopy__(self, memo: dict) -> TrainingData:
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple[None]]:
+        return (TrainingData, (None,))
+
+    def __repr__(self) -> str:
+        return f"TrainingData({type(self.data).__name__})"
 
 
 @torch.no_grad()
@@ -521,6 +586,12 @@ def train(
             ``on_after_step(trainer, x, y)``, called around every optimizer step.
         channels_last: NHWC weights and inputs, for GPUs with AMP.
 
+    The call leaves the caller's process as it was: the global torch / numpy / ``random``
+    generators are forked (the run is seeded from ``seed`` alone), and the gradient-
+    accumulation setting Accelerate shares between accelerators is restored. ``model``
+    remembers a reference to ``train_data`` (``model.training_data``, not a copy), so
+    ``erm_surgery.unlearn(model, classes)`` needs no data argument.
+
     Raises:
         ValueError: bad arguments (``epochs < 1``, an ``lr`` / ``weight_decay`` that is NaN
             or infinite, ...).
@@ -532,12 +603,17 @@ def train(
             model, or was written with other run settings (``epochs`` may grow); nothing
             is loaded then.
     """
-    trainer = ERMTrainer(model, train_data, epochs=epochs, val_data=val_data,
-                         optimizer=optimizer, scheduler=scheduler, config=config,
-                         accelerator=accelerator, batch_size=batch_size, lr=lr,
-                         weight_decay=weight_decay, mixed_precision=mixed_precision,
-                         gradient_accumulation_steps=gradient_accumulation_steps, seed=seed,
-                         output_dir=output_dir, checkpoint_every=checkpoint_every,
-                         show_progress=show_progress, num_workers=num_workers,
-                         callbacks=callbacks, channels_last=channels_last)
-    return trainer.fit(resume_from=resume_from)
+    with caller_state_kept(rng=True):  # seeded from `seed`; the caller's streams untouched
+        trainer = ERMTrainer(model, train_data, epochs=epochs, val_data=val_data,
+                             optimizer=optimizer, scheduler=scheduler, config=config,
+                             accelerator=accelerator, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, mixed_precision=mixed_precision,
+                             gradient_accumulation_steps=gradient_accumulation_steps,
+                             seed=seed, output_dir=output_dir,
+                             checkpoint_every=checkpoint_every, show_progress=show_progress,
+                             num_workers=num_workers, callbacks=callbacks,
+                             channels_last=channels_last)
+        result = trainer.fit(resume_from=resume_from)
+    # a reference for unlearn(model, classes): outside the module registry, shared by deepcopy
+    model.__dict__["training_data"] = TrainingData(train_data)
+    return result

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UnlearningError
 from .request import MethodInfo
 
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "unlearn",
@@ -141,7 +142,7 @@ def register_method(name: str, *, config: type, info: type = MethodInfo,
             raise ValueError(f"an unlearning method named {name!r} is already registered")
 
         @functools.wraps(fn)
-        def run(model: nn.Module, classes: Iterable[int], data: Any, *,
+        def run(model: nn.Module, classes: Iterable[int], data: Any = None, *,
                 config: Any = None, accelerator: Any = None,
                 **overrides: Any) -> tuple[nn.Module, Any]:
             accepted = spec.extras()
@@ -154,9 +155,13 @@ def register_method(name: str, *, config: type, info: type = MethodInfo,
                     f"of {spec.config_cls.__name__} {sorted(fields)}"
                     + (f" and the method's own arguments {sorted(accepted)}" if accepted else ""))
             cfg = spec.make_config(config, model, **overrides)
+            data = remembered_data(model) if data is None else data
+            from ..training.trainer import caller_state_kept
+
             start = time.perf_counter()
-            out, result = fn(model, classes, data, config=cfg, accelerator=accelerator,
-                             **extras)
+            with caller_state_kept():  # the caller's Accelerator keeps its settings
+                out, result = fn(model, classes, data, config=cfg, accelerator=accelerator,
+                                 **extras)
             if isinstance(result, MethodInfo):
                 result.seconds = time.perf_counter() - start
             out.__dict__["unlearning_info"] = result
@@ -176,6 +181,21 @@ def register_method(name: str, *, config: type, info: type = MethodInfo,
     return decorate
 
 
+def remembered_data(model: nn.Module) -> Any:
+    """The training data :func:`erm_surgery.train` remembered on ``model`` (a reference
+    in ``model.training_data``); an :class:`UnlearningError` saying what to pass when none
+    is known."""
+    holder = getattr(model, "__dict__", {}).get("training_data")
+    data = getattr(holder, "data", None)
+    if data is None:
+        raise UnlearningError(
+            f"no training data is known for this {type(model).__name__}: pass the training "
+            "data: erm_surgery.unlearn(model, classes, data) (a Dataset or DataLoader of "
+            "(image, label)), or train with erm_surgery.train(model, data), which remembers "
+            "it (a model loaded from a checkpoint or unpickled does not)")
+    return data
+
+
 def get_method(name: str) -> MethodSpec:
     """The :class:`MethodSpec` of ``name``; a ``ValueError`` listing the names otherwise."""
     try:
@@ -193,7 +213,7 @@ def available_methods() -> list[str]:
 def unlearn(
     model: nn.Module,
     classes: Iterable[int],
-    data: Dataset | DataLoader,
+    data: Dataset | DataLoader | None = None,
     *,
     method: str = "ktp",
     config: Any = None,
@@ -207,7 +227,9 @@ def unlearn(
             ``needs_attached=False``, the baselines, also take a plain classifier).
         classes: class ids to forget (a list, or one int).
         data: the training data (Dataset or DataLoader of ``(image, label)``); it is split
-            by label here (fast through ``.targets`` / ``TensorDataset`` labels).
+            by label here (fast through ``.targets`` / ``TensorDataset`` labels). ``None``
+            (the default): the data :func:`erm_surgery.train` remembered on ``model``; an
+            :class:`UnlearningError` when it was not trained in this process.
         method: a name from :func:`available_methods` (default ``"ktp"``).
         config: the method's config dataclass (:class:`KTPConfig` for KTP).
         accelerator: an ``accelerate.Accelerator`` (default: GPUs if any, else CPU).
@@ -216,7 +238,9 @@ def unlearn(
 
     The returned model is attached (for every method but ``sisa``), so it can be trained
     or asked to forget again: ``unlearn(unlearn(m, [1], d), [2], d)`` forgets both.
-    ``student.unlearning_info`` holds the method's info (a :class:`MethodInfo`).
+    ``student.unlearning_info`` holds the method's info (a :class:`MethodInfo`). The
+    gradient-accumulation setting Accelerate shares between accelerators is restored, so
+    the caller's own ``Accelerator`` keeps its ``gradient_accumulation_steps``.
     """
     spec = get_method(method)
     student, _ = spec.fn(model, classes, data, config=config, accelerator=accelerator,

@@ -86,6 +86,11 @@ def sgd_loop(
     total = max(1, len(loader) * recipe.epochs)
     with frozen_mask(model):
         params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        if not params:
+            raise UnlearningError(
+                f"{desc}: no parameter of the model requires grad (requires_grad=False on "
+                "all of them, e.g. a frozen backbone and head), so there is nothing to "
+                "train; unfreeze the layers to update (p.requires_grad_(True)) first")
         opt = recipe.build_optimizer(params)
         sched = cosine_schedule(opt, total)
         wrapped, opt, loader, sched = acc.prepare(model, opt, loader, sched)

@@ -188,12 +188,15 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     keep = teacher.erm.keep_mask(forget, config.threshold)
     per_forget, lost = _entanglement(G, forget, keep, config.threshold,
                                      teacher.erm.forgotten_classes)
-    entangled = {r: f for r, f in lost.items() if f > config.entanglement_warning}
+    entangled = sorted(((f, r) for r, f in lost.items() if f > config.entanglement_warning),
+                       reverse=True)
     if entangled:
+        worst = ", ".join(f"{f:.0%} of class {r}" for f, r in entangled[:3])
+        more = f" (worst 3 of {len(entangled)} classes)" if len(entangled) > 3 else ""
         warn_user(
             f"knowledge entanglement: prohibiting the channels of classes {forget} also "
-            f"removes {', '.join(f'{f:.0%} of class {r}' for r, f in entangled.items())}'s "
-            "channels; their accuracy may drop. Train longer with ERM or raise threshold=.")
+            f"removes {worst}'s channels{more}; their accuracy may drop. Train longer with "
+            "ERM or raise threshold=.")
 
     s, same = _fresh_student(teacher, student, config.seed)
     s.train()
@@ -232,8 +235,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         labels = torch.full_like(request.labels, -100)  # forget samples never meet a label
         labels[request.retain_idx] = request.labels[request.retain_idx]
         distill_labels = labels[torch.as_tensor(idx, dtype=torch.long)].to(device)
-    for p in frozen:  # unused by the distillation: DDP must not wait for their gradients
-        p.requires_grad_(False)
+    frozen_ids = {id(p) for p in frozen}
+    for p in s.parameters():  # a fresh student trains all its weights, whatever the
+        p.requires_grad_(id(p) not in frozen_ids)  # teacher's (a frozen backbone) had
     params = [p for p in s.model.parameters() if p.requires_grad]
     opt = config.build_optimizer(params)
     loader = shuffled_loader(_Indexed(distill_set), config.batch_size, seed=config.seed,
