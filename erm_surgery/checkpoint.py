@@ -10,6 +10,10 @@ Writes replace the file the user means: a symlink's target (the link stays), wit
 file's mode and owner. Writers of one file are serialised by an advisory lock
 (``fcntl.flock`` on ``.NAME.lock`` beside it, see :func:`file_lock`), and the metadata
 holds a sha256 digest of the tensors that :func:`load` verifies.
+
+(Over 400 lines on purpose: the erasure promise is kept on disk here, in one place —
+atomic replacement, links, modes, the lock, the digest and the metadata checks — so that
+every writer, the library's and the command line's, goes through the same code.)
 """
 
 from __future__ import annotations
