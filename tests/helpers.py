@@ -40,3 +40,16 @@ def tensors_of(data: Dataset) -> list[torch.Tensor]:
         data = data.dataset
     assert isinstance(data, TensorDataset), type(data)
     return list(data.tensors)
+
+
+@torch.no_grad()
+def entangled_but_separated(model, shared: int = 60, own: int = 3):
+    """Set an attached model's ``G`` by hand: ``shared`` channels every class uses, then
+    ``own`` channels per class. KTP can run on it (no class loses every channel) and its
+    entanglement warning fires (each class loses the shared channels)."""
+    G = model.erm.G
+    G.zero_()
+    G[:, :shared] = 1.0
+    for c in range(G.shape[0]):
+        G[c, shared + own * c:shared + own * (c + 1)] = 1.0
+    return model

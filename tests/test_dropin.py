@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import entangled_but_separated
 from torch.utils.data import TensorDataset
 
 import erm_surgery as E
@@ -60,12 +61,7 @@ def test_unlearn_without_data_uses_the_training_data():
 
 
 def test_entanglement_warning_is_short():
-    model = E.attach(tiny_net())
-    with torch.no_grad():  # 60 shared channels, 3 own per class: entangled, separated
-        model.erm.G.zero_()
-        model.erm.G[:, :60] = 1.0
-        for c in range(10):
-            model.erm.G[c, 60 + 3 * c:63 + 3 * c] = 1.0
+    model = entangled_but_separated(E.attach(tiny_net()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         E.unlearn(model, [3], tiny_data(), **QUICK)

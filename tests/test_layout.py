@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import entangled_but_separated
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -226,12 +227,7 @@ def test_library_warnings_point_at_the_users_line():
         warnings.simplefilter("always")
         warn_user("from the library")  # called from this file: attributed here
     assert caught and caught[0].filename == __file__
-    model = E.attach(tiny_model())
-    with torch.no_grad():  # entangled but separated: 60 shared channels, 3 own per class
-        model.erm.G.zero_()
-        model.erm.G[:, :60] = 1.0
-        for c in range(10):
-            model.erm.G[c, 60 + 3 * c:63 + 3 * c] = 1.0
+    model = entangled_but_separated(E.attach(tiny_model()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         E.unlearn(model, [3], tiny_data(), epochs=1, show_progress=False)
