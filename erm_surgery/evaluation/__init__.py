@@ -2,8 +2,10 @@
 
 ``evaluate(model, forget_classes, train_data, test_data, original=..., retrained=...)``
 runs the project's evaluation protocol (accuracy, loss-based MIA, linear-probe
-knowledge retention, layer-wise CKA, k-NN agreement, relearn time, ERM diagnostics) and
-returns an :class:`UnlearningReport` that saves as JSON, Markdown, PNG plots and HTML.
+knowledge retention, the few-shot probe, layer-wise CKA, k-NN agreement, relearn time, ERM
+diagnostics; the entropy MIA and ZRF as labelled diagnostics) and returns an
+:class:`UnlearningReport` with a :class:`Verdict` (forgotten / not forgotten / inconclusive /
+broken) that saves as JSON, Markdown, PNG plots and HTML.
 Each metric is also usable on its own, on plain tensors.
 """
 
@@ -14,10 +16,13 @@ from .accuracy import (
     class_set_accuracy,
     per_class_accuracy,
 )
+from .calibration import BLOCKED_LOGIT, logit_only
 from .cka import CKAResult, centered_gram, cka_from_grams, linear_cka
 from .config import METRICS, EvalConfig, EvaluationError
+from .entropy_mia import EntropyMIAResult, entropy_mia, output_entropy
 from .erm import ERMDiagnostics, erm_diagnostics
 from .features import FeatureCache, SplitOutputs
+from .fewshot import FewShotResult, fewshot_draws, fewshot_probe
 from .knn import KNNResult, knn_agreement, knn_indices
 from .layers import activation_grams, activation_nodes, choose_layers, stage_names
 from .mia import MIAResult, membership_inference, per_sample_loss
@@ -27,6 +32,8 @@ from .relearn import RelearnResult, relearn
 from .report import UnlearningReport
 from .resources import ResourceUsage
 from .runner import evaluate
+from .verdict import CALIBRATED, MetricPosition, Verdict, judge
+from .zrf import ZRFResult, js_divergence, zrf_score
 
 __all__ = [
     "evaluate",
@@ -34,6 +41,13 @@ __all__ = [
     "UnlearningReport",
     "EvaluationError",
     "METRICS",
+    "CALIBRATED",
+    # the verdict
+    "Verdict",
+    "MetricPosition",
+    "judge",
+    "logit_only",
+    "BLOCKED_LOGIT",
     # metric functions
     "per_class_accuracy",
     "class_set_accuracy",
@@ -42,6 +56,12 @@ __all__ = [
     "per_sample_loss",
     "membership_inference",
     "linear_probe",
+    "fewshot_probe",
+    "fewshot_draws",
+    "output_entropy",
+    "entropy_mia",
+    "js_divergence",
+    "zrf_score",
     "linear_cka",
     "centered_gram",
     "cka_from_grams",
@@ -61,6 +81,9 @@ __all__ = [
     "AccuracyResult",
     "MIAResult",
     "ProbeResult",
+    "FewShotResult",
+    "EntropyMIAResult",
+    "ZRFResult",
     "CKAResult",
     "KNNResult",
     "RelearnResult",

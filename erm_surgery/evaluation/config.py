@@ -12,7 +12,8 @@ from ..errors import EvaluationError
 __all__ = ["EvalConfig", "EvaluationError", "METRICS", "check_metrics", "check_forget_classes"]
 
 #: Every metric :func:`evaluate` knows, in the order they are computed and reported.
-METRICS: tuple[str, ...] = ("accuracy", "mia", "probe", "cka", "knn", "relearn", "erm")
+METRICS: tuple[str, ...] = ("accuracy", "mia", "entropy_mia", "zrf", "probe", "fewshot", "cka",
+                            "knn", "relearn", "erm")
 
 
 @dataclass
@@ -30,6 +31,14 @@ class EvalConfig:
         probe_batch_size: minibatch size of the probe.
         probe_weight_decay: L2 penalty of the probe.
         mia_folds: stratified folds of the loss-based membership-inference attack.
+        fewshot_shots: samples per forget class the few-shot probe is given (each ``k``).
+        fewshot_draws: seeded draws of those samples per ``k`` (mean and confidence
+            interval over draws; at least 2).
+        fewshot_weight_decay: L2 penalty of the few-shot probe's logistic regression.
+        fewshot_max_iter: L-BFGS iterations per few-shot fit.
+        zrf_seed: seed of the randomly initialised model ZRF compares with.
+        retain_drop: the verdict calls a model "broken" when its retain test accuracy is
+            more than this (a fraction) below the original's.
         cka_layers: fx node names (``torchvision.models.feature_extraction`` naming) at
             which layer-wise CKA is measured; ``None`` picks the stage outputs
             automatically. The pooled features are always compared as well.
@@ -58,6 +67,12 @@ class EvalConfig:
     probe_batch_size: int = 256
     probe_weight_decay: float = 0.0
     mia_folds: int = 5
+    fewshot_shots: Sequence[int] = (1, 5, 10)
+    fewshot_draws: int = 5
+    fewshot_weight_decay: float = 1e-3
+    fewshot_max_iter: int = 50
+    zrf_seed: int = 0
+    retain_drop: float = 0.10
     cka_layers: Sequence[str] | None = None
     cka_max_layers: int = 6
     cka_max_samples: int = 1000
@@ -75,7 +90,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "probe_epochs", "probe_batch_size", "mia_folds",
-                    "cka_max_layers", "cka_max_samples", "cka_max_dim", "knn_k")
+                    "cka_max_layers", "cka_max_samples", "cka_max_dim", "knn_k",
+                    "fewshot_max_iter")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -96,6 +112,25 @@ class EvalConfig:
                 raise EvaluationError(f"EvalConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.relearn_batch_size is not None and self.relearn_batch_size < 1:
             raise EvaluationError("EvalConfig.relearn_batch_size must be a positive int or None")
+        if (not isinstance(self.fewshot_draws, int) or isinstance(self.fewshot_draws, bool)
+                or self.fewshot_draws < 2):
+            raise EvaluationError("EvalConfig.fewshot_draws must be an int >= 2 (the "
+                                  f"confidence interval needs two draws), got "
+                                  f"{self.fewshot_draws!r}")
+        if isinstance(self.fewshot_shots, int):
+            self.fewshot_shots = (self.fewshot_shots,)
+        shots = list(self.fewshot_shots)
+        if not shots or any(not isinstance(k, int) or isinstance(k, bool) or k < 1
+                            for k in shots):
+            raise EvaluationError("EvalConfig.fewshot_shots must be ints >= 1 (samples per "
+                                  f"forget class), got {self.fewshot_shots!r}")
+        self.fewshot_shots = tuple(sorted(set(shots)))
+        if not float(self.fewshot_weight_decay) >= 0:
+            raise EvaluationError("EvalConfig.fewshot_weight_decay must be >= 0, got "
+                                  f"{self.fewshot_weight_decay!r}")
+        if not 0.0 <= float(self.retain_drop) <= 1.0:
+            raise EvaluationError("EvalConfig.retain_drop is a fraction in [0, 1] (0.10 = 10 "
+                                  f"points), got {self.retain_drop!r}")
         if isinstance(self.cka_layers, str):
             # a bare string would be iterated character by character
             self.cka_layers = [self.cka_layers]
@@ -107,6 +142,7 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain data (for the report)."""
         out = asdict(self)
+        out["fewshot_shots"] = list(out["fewshot_shots"])
         if out["cka_layers"] is not None:
             out["cka_layers"] = list(out["cka_layers"])
         return out

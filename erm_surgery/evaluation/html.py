@@ -40,6 +40,16 @@ def render_html(report: UnlearningReport, images: dict[str, bytes]) -> str:
         f"<p>Forget classes: {escape(str(report.forget_classes))} of {report.num_classes}. "
         f"Models: {escape(', '.join(report.models))}.</p>",
     ]
+    verdict = report.verdict
+    if verdict is not None:
+        parts += ["<h2>Verdict</h2>",
+                  f"<p><strong>{escape(verdict.status.upper())}</strong>: "
+                  f"{escape(verdict.reason)}</p>",
+                  f"<p>Rule: {escape(verdict.rule)}.</p>"]
+        vrows = report.verdict_rows()
+        if vrows:
+            parts.append(_table(["Metric", "used as", "model", "original (0)",
+                                 "retrained (1)", "noise band", "position", "call"], vrows))
     rows = report.summary_rows()
     if rows:
         parts += ["<h2>Summary</h2>", _table(["Metric", *report.models], rows)]

@@ -14,13 +14,17 @@ import torch
 
 from .accuracy import AccuracyResult
 from .cka import CKAResult
+from .entropy_mia import EntropyMIAResult
 from .erm import ERMDiagnostics
+from .fewshot import FewShotResult
 from .files import atomic_write_bytes, atomic_write_text
 from .knn import KNNResult
 from .mia import MIAResult
 from .probe import ProbeResult
 from .relearn import RelearnResult
 from .resources import ResourceUsage
+from .verdict import Verdict
+from .zrf import ZRFResult
 
 __all__ = ["UnlearningReport", "pair_key", "ROLES"]
 
@@ -65,6 +69,16 @@ def _f3(x: float | None) -> str:
     return f"{x:.3f}" if _num(x) else "n/a"
 
 
+def _ci(res: FewShotResult, k: int) -> str:
+    """``"74.7% [71.6, 77.8]"``: the mean and its confidence interval at ``k`` shots."""
+    if k not in res.shots:
+        return "n/a"
+    i = res.shots.index(k)
+    if not (_num(res.ci_low[i]) and _num(res.ci_high[i])):
+        return _pct(res.mean[i])
+    return f"{_pct(res.mean[i])} [{100 * res.ci_low[i]:.1f}, {100 * res.ci_high[i]:.1f}]"
+
+
 def _signed_pts(x: float | None) -> str:
     return f"{100 * x:+.1f} pts" if _num(x) else "n/a"
 
@@ -82,7 +96,10 @@ class UnlearningReport:
         accuracy: per role.
         accuracy_deltas: per role, the change against ``original`` (fractions).
         mia: per role, loss-based MIA on forget-train vs forget-test.
+        entropy_mia: per role, the SSD-style entropy MIA (a diagnostic: logits only).
+        zrf: per role, the ZRF score (a diagnostic: logits only).
         probe: per role, the linear probe (knowledge retention).
+        fewshot: per role, the few-shot probe (forget-class accuracy per number of shots).
         cka: per pair, layer-wise CKA on forget-class test samples.
         knn: per pair, k-NN retrieval agreement.
         relearn: per role, epochs to relearn the forget classes.
@@ -90,6 +107,12 @@ class UnlearningReport:
         resources: wall time and peak memory of the evaluation.
         config: the :class:`EvalConfig` used, as a dict.
         notes: metrics skipped and why, and other warnings.
+        retrained_seeds: roles of the extra retrained references (``"retrained_2"``...):
+            their per-model metrics are in the dicts above; they set the verdict's noise
+            band.
+        verdict: forgotten / not forgotten / inconclusive / broken, with the reason and
+            each metric's position between the original and the retrained reference
+            (None only on a report built by hand).
     """
 
     forget_classes: list[int]
@@ -99,7 +122,10 @@ class UnlearningReport:
     accuracy: dict[str, AccuracyResult] = field(default_factory=dict)
     accuracy_deltas: dict[str, dict[str, float]] = field(default_factory=dict)
     mia: dict[str, MIAResult] = field(default_factory=dict)
+    entropy_mia: dict[str, EntropyMIAResult] = field(default_factory=dict)
+    zrf: dict[str, ZRFResult] = field(default_factory=dict)
     probe: dict[str, ProbeResult] = field(default_factory=dict)
+    fewshot: dict[str, FewShotResult] = field(default_factory=dict)
     cka: dict[str, CKAResult] = field(default_factory=dict)
     knn: dict[str, KNNResult] = field(default_factory=dict)
     relearn: dict[str, RelearnResult] = field(default_factory=dict)
@@ -107,6 +133,8 @@ class UnlearningReport:
     resources: ResourceUsage | None = None
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    retrained_seeds: list[str] = field(default_factory=list)
+    verdict: Verdict | None = None
 
     # ----------------------------------------------------------------- plain data
     def to_dict(self) -> dict[str, Any]:
@@ -146,9 +174,20 @@ class UnlearningReport:
                 lambda r: _pct(self.probe[r].forget_acc) if r in self.probe else "n/a")
             add("Probe acc, retain classes",
                 lambda r: _pct(self.probe[r].retain_acc) if r in self.probe else "n/a")
+        if self.fewshot:
+            shots = sorted({k for res in self.fewshot.values() for k in res.shots})
+            for k in shots:
+                add(f"Few-shot probe, forget classes (k={k})",
+                    lambda r, k=k: _ci(self.fewshot[r], k) if r in self.fewshot else "n/a")
         if self.mia:
             add("MIA attack acc (0.5 = none)",
                 lambda r: _f3(self.mia[r].accuracy) if r in self.mia else "n/a")
+        if self.entropy_mia:
+            add("Entropy MIA, members called (diagnostic)",
+                lambda r: _f3(self.entropy_mia[r].member_fraction)
+                if r in self.entropy_mia else "n/a")
+        if self.zrf:
+            add("ZRF (diagnostic)", lambda r: _f3(self.zrf[r].score) if r in self.zrf else "n/a")
         if self.cka:
             for ref in ("original", "retrained"):
                 if any(ref in k.split("~") for k in self.cka):
@@ -178,6 +217,8 @@ class UnlearningReport:
         lines.append(f"Forget classes: {self.forget_classes} of {self.num_classes}. "
                      f"Models: {', '.join(self.models)}.")
         lines.append("")
+        if self.verdict is not None:
+            lines += self._verdict_markdown()
         rows = self.summary_rows()
         if rows:
             lines += ["## Summary", "", _md_table(["Metric", *self.models], rows), ""]
@@ -249,6 +290,32 @@ class UnlearningReport:
         if images:
             lines += ["## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
         return "\n".join(lines)
+
+    def verdict_rows(self) -> list[tuple[str, list[str]]]:
+        """One row per metric of the verdict: kind, values, band, position, call."""
+        if self.verdict is None:
+            return []
+        rows = []
+        for p in self.verdict.metrics:
+            seeds = ", ".join(_f3(v) for v in p.retrained_seeds)
+            rows.append((p.name, [
+                "verdict" if p.calibrated else f"diagnostic ({p.reads})",
+                _f3(p.model), _f3(p.original),
+                _f3(p.retrained) + (f" ({seeds})" if seeds else ""),
+                _f3(p.band), _f3(p.position), p.call]))
+        return rows
+
+    def _verdict_markdown(self) -> list[str]:
+        v = self.verdict
+        assert v is not None
+        lines = ["## Verdict", "", f"**{v.status.upper()}**: {v.reason}", "",
+                 f"Rule: {v.rule}.", ""]
+        rows = self.verdict_rows()
+        if rows:
+            lines += [_md_table(["Metric", "used as", "model", "original (0)",
+                                 "retrained (1)", "noise band", "position", "call"], rows),
+                      ""]
+        return lines
 
     # ----------------------------------------------------------------- files
     def save(self, directory: str | os.PathLike[str], *, plots: bool = True,

@@ -11,11 +11,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import check_labels, raw_labels
 from ..surgery import model_device
-from .accuracy import accuracy_deltas, accuracy_metrics
+from .accuracy import accuracy_deltas, accuracy_metrics, class_set_accuracy
 from .cka import CKAResult, centered_gram, cka_from_grams
 from .config import METRICS, EvalConfig, EvaluationError, check_forget_classes, check_metrics
+from .entropy_mia import entropy_mia
 from .erm import erm_diagnostics
 from .features import FeatureCache, class_indices, logits_of, ordered_loader, subset_loader
+from .fewshot import fewshot_probe
 from .knn import knn_agreement
 from .layers import (
     activation_grams,
@@ -30,6 +32,8 @@ from .probe import linear_probe
 from .relearn import relearn
 from .report import ROLES, UnlearningReport, pair_key
 from .resources import ResourceMonitor
+from .verdict import judge
+from .zrf import zrf_score
 
 __all__ = ["evaluate"]
 
@@ -45,7 +49,7 @@ def evaluate(
     test_data: Dataset | DataLoader,
     *,
     original: nn.Module | None = None,
-    retrained: nn.Module | None = None,
+    retrained: nn.Module | Sequence[nn.Module] | None = None,
     metrics: Iterable[str] = METRICS,
     config: EvalConfig | None = None,
     device: torch.device | str | None = None,
@@ -60,15 +64,19 @@ def evaluate(
         test_data: held-out data of all classes.
         original: the model before unlearning; enables accuracy deltas and CKA to it.
         retrained: a model retrained from scratch without the forget classes (the gold
-            standard); enables CKA and k-NN agreement with it.
-        metrics: any of ``"accuracy", "mia", "probe", "cka", "knn", "relearn", "erm"``.
-            Metrics that need a missing reference are skipped with a note.
+            standard); enables CKA and k-NN agreement with it and the verdict. A list of
+            such models (other seeds) gives the verdict its noise band: the first is the
+            reference, the others (roles ``"retrained_2"``, ...) get the per-model metrics
+            (accuracy, the MIAs, ZRF, the probes) only.
+        metrics: any of :data:`METRICS`. Metrics that need a missing reference are
+            skipped with a note.
         config: an :class:`EvalConfig` (defaults otherwise).
         device: run every model there (each is moved back afterwards); default: where each
             model's parameters already are.
 
     Returns:
-        An :class:`UnlearningReport`; its ``notes`` list anything that was skipped.
+        An :class:`UnlearningReport`; its ``notes`` list anything that was skipped and its
+        ``verdict`` says whether the classes were forgotten (see :func:`verdict.judge`).
 
     Raises:
         EvaluationError (a ``ValueError``): empty or out-of-range ``forget_classes``,
@@ -81,8 +89,17 @@ def evaluate(
     names = check_metrics(metrics)
     if not isinstance(model, nn.Module):  # None included: the other roles are optional
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(retrained, (list, tuple)):
+        if not retrained:
+            raise EvaluationError("retrained= is an empty list; pass a model, a list of "
+                                  "models (retrained seeds) or None")
+        retrained, extra = retrained[0], list(retrained[1:])
+    else:
+        extra = []
     models = {role: m for role, m in zip(ROLES, (model, original, retrained), strict=True)
               if m is not None}
+    seeds = [f"retrained_{i + 2}" for i in range(len(extra))]
+    models.update(zip(seeds, extra, strict=True))
     for role, m in models.items():
         if not isinstance(m, nn.Module):
             raise TypeError(f"{role} must be a torch.nn.Module, got {type(m).__name__}")
@@ -94,12 +111,15 @@ def evaluate(
         for split, data in (("train_data", train_data), ("test_data", test_data)):
             _check_split_labels(data, num_classes, split)
         report = UnlearningReport(forget_classes=forget, num_classes=num_classes,
-                                  models=list(models), metrics=list(names),
-                                  config=cfg.to_dict())
+                                  models=[r for r in models if r not in seeds],
+                                  metrics=list(names), config=cfg.to_dict(),
+                                  retrained_seeds=seeds)
         run = _Run(models, forget, num_classes, train_data, test_data, cfg, report, monitor)
         for name in names:
             getattr(run, name)()
             monitor.lap(name)
+        report.verdict = judge(report, run.retain_accuracy(), retain_drop=cfg.retain_drop,
+                               seeds=seeds)
     report.resources = monitor.stop()
     return report
 
@@ -258,13 +278,67 @@ class _Run:
             self.report.knn[pair_key(role, "retrained")] = knn_agreement(
                 te[queries], tr, ref_te[queries], ref_tr, self.cfg.knn_k)
 
+    def retain_accuracy(self) -> dict[str, float]:
+        """Retain-class test accuracy per role, from the cached logits (the verdict's
+        broken rule reads it whether or not the metric "accuracy" was requested)."""
+        if self.report.accuracy:
+            return {r: a.retain_test for r, a in self.report.accuracy.items()}
+        retain = [c for c in range(self.C) if c not in self.forget]
+        out = {}
+        for role in self.models:
+            te = self._get(role, "test")
+            out[role] = class_set_accuracy(te.logits.argmax(1), te.labels, retain)
+        return out
+
+    def entropy_mia(self) -> None:
+        for role in self.models:
+            tr, te = self._get(role, "train"), self._get(role, "test")
+            mtr = self._forget_mask(tr.labels)
+            self.report.entropy_mia[role] = entropy_mia(tr.logits[~mtr], te.logits,
+                                                        tr.logits[mtr])
+
+    def zrf(self) -> None:
+        from ..unlearning.request import reinitialised
+
+        idx = class_indices(self._get("model", "train").labels, self.forget)
+        if not idx:
+            self.note("zrf skipped: no forget-class training samples")
+            return
+        # one random network of the model's architecture, the same for every role
+        random_model, _ = reinitialised(plain_module(self.models["model"]), self.cfg.zrf_seed)
+        random_model.eval()
+        loader = subset_loader(self.train_data, idx, self.cfg.batch_size)
+        device = model_device(random_model)
+        outs = []
+        with torch.no_grad():
+            for batch in loader:
+                x, _ = split_batch(batch)
+                outs.append(logits_of(random_model(x.to(device))).float().cpu())
+        random_logits = torch.cat(outs)
+        rows = torch.tensor(idx, dtype=torch.long)
+        for role in self.models:
+            self.report.zrf[role] = zrf_score(self._get(role, "train").logits[rows],
+                                              random_logits)
+
+    def fewshot(self) -> None:
+        for role in self.models:
+            if not self._features_or_note(role, "fewshot"):
+                continue
+            tr, te = self._get(role, "train"), self._get(role, "test")
+            self.report.fewshot[role] = fewshot_probe(
+                tr.features, tr.labels, te.features, te.labels, self.forget, self.C,
+                shots=self.cfg.fewshot_shots, draws=self.cfg.fewshot_draws,
+                weight_decay=self.cfg.fewshot_weight_decay,
+                max_iter=self.cfg.fewshot_max_iter, seed=self.cfg.seed)
+
     def relearn(self) -> None:
         idx = class_indices(self.test_labels, self.forget)
         if not idx:
             self.note("relearn skipped: no forget-class test samples to measure")
             return
         forget_test = subset_loader(self.test_data, idx, self.cfg.batch_size)
-        for role, m in self.models.items():
+        for role in self.report.models:  # the extra retrained seeds: too costly here
+            m = self.models[role]
             self.report.relearn[role] = relearn(
                 m, self.train_data, forget_test,
                 epochs=self.cfg.relearn_epochs, lr=self.cfg.relearn_lr,
