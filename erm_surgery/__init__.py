@@ -18,7 +18,7 @@ from .errors import (
 )
 from .evaluation import EvalConfig, UnlearningReport, evaluate
 from .methods.ktp import KTPConfig, KTPInfo
-from .surgery import ERMModel, attach, detach, is_attached, unwrap
+from .surgery import ERMModel, attach, detach, is_attached, param_groups, unwrap
 from .training import ERMConfig, TrainResult, erm_loss, make_accelerator, train
 from .training.prohibition import ProhibitionResult, prohibition_accuracy
 from .unlearning import (
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     # surgery
-    "attach", "detach", "unwrap", "is_attached", "ERMModel",
+    "attach", "detach", "unwrap", "is_attached", "ERMModel", "param_groups",
     # training
     "train", "TrainResult", "ERMConfig", "erm_loss", "make_accelerator",
     # unlearning

@@ -161,7 +161,7 @@ def analyse(
         segment = descendants(feat) & (ancestors(logits) | {logits})
         # after the feature map, only spatially pooled tensors may flow into the head;
         # a ViT's patch embedding is followed by token sequences and is rejected here
-        bad = [n.name for n in segment if _is_token_sequence(node_shape(n))]
+        bad = [n.name for n in nodes if n in segment and _is_token_sequence(node_shape(n))]
         if bad:
             raise SurgeryError(
                 f"the last 4-D map {feat.name!r} is followed by token sequences "
@@ -209,12 +209,7 @@ def analyse(
                 f"there are {list(head_modules)}"
             )
 
-    # channel layout: the channel dim is the one the pooled vector keeps
-    pooled = next((node_shape(n) for n in nodes if n in segment and node_shape(n) is not None
-                   and len(node_shape(n)) == 2), None)
-    channel_dim = 1
-    if pooled is not None and fshape[1] != pooled[1] and fshape[3] == pooled[1]:
-        channel_dim = 3
+    channel_dim = _channel_dim(fshape, [n for n in nodes if n in segment])
     return SurgeryInfo(
         feature_node=feat.name,
         head=head,
@@ -224,6 +219,25 @@ def analyse(
         head_modules=head_modules,
         feature_shape=tuple(fshape[1:]),
     )
+
+
+def _channel_dim(fshape: tuple[int, ...], segment: Sequence[fx.Node]) -> int:
+    """The channel dim of the map: the one global pooling keeps.
+
+    It is read off the first tensor after the map (``segment`` is in graph order) that has
+    lost its spatial extent, i.e. the pooled ``(N, K)`` or ``(N, K, 1, 1)`` vector, never the
+    logits: with a 1x1-conv classifier after pooling (timm dla, dpn, resnetv2) the first
+    2-D tensor is ``(N, C)``, and C = 7 on a 7 x 7 map would look like a channels-last K.
+    """
+    batch = fshape[0]
+    for node in segment:
+        shape = node_shape(node)
+        if (shape is None or len(shape) not in (2, 4) or shape[0] != batch
+                or _is_spatial_map(shape, batch)):
+            continue
+        kept = max(shape[1:])
+        return 3 if kept != fshape[1] and kept == fshape[3] else 1
+    return 1
 
 
 def _is_head(gm: fx.GraphModule, head: str, head_modules: Sequence[str]) -> bool:

@@ -3,9 +3,11 @@ the masked graph into the full, features-only and head-only graphs of each mode.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import fx, nn
 
 from ..errors import SurgeryError
@@ -13,7 +15,7 @@ from ._analysis import SurgeryInfo
 from .mask import apply_channel_mask
 from .tracing import ancestors, descendants, output_node, trace_model
 
-__all__ = ["WEIGHTS_INPUT", "build_graphs", "mask_node"]
+__all__ = ["WEIGHTS_INPUT", "build_graphs", "mask_node", "checkpoint_stages", "run_checkpointed"]
 
 #: name of the graph input that carries the per-sample mask (None on the STD path)
 WEIGHTS_INPUT = "erm_weights"
@@ -141,3 +143,80 @@ def build_graphs(base: nn.Module, info: SurgeryInfo,
         graphs[f"features_{split}"] = _features_graph(gm)
         graphs[f"head_{split}"] = _head_graph(gm)
     return graphs
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+def run_checkpointed(segment: nn.Module, *inputs: Any) -> Any:
+    """Run one stage of the graph under activation checkpointing (what timm's
+    ``checkpoint_seq`` does to the stages of a model in eager mode). Looked up on
+    ``torch.utils.checkpoint`` at call time, so the call can be observed."""
+    return torch.utils.checkpoint.checkpoint(segment, *inputs, use_reentrant=False)
+
+
+def _in_stage(node: fx.Node, stage: str) -> bool:
+    if node.op == "call_module":
+        paths = [str(node.target)]
+    elif node.op in ("call_function", "call_method"):
+        paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    else:
+        return False
+    return any(p == stage or p.startswith(stage + ".") for p in paths)
+
+
+def checkpoint_stages(gm: fx.GraphModule, stages: list[str]) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` in which the nodes of each stage (a module name, e.g. ``layer2`` or
+    ``stages.1``) run as one checkpointed segment; returns it and how many stages were
+    wrapped.
+
+    fx cannot trace timm's ``checkpoint_seq``, so the graph is traced without it and the
+    checkpointing is put back here, on the stages timm's ``feature_info`` names. The mask
+    node belongs to no stage, so it is never inside a segment. A stage whose nodes are
+    interleaved with other nodes of the graph is left as it is.
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out_gm = fx.GraphModule(gm, graph, type(gm).__name__)
+    wrapped = 0
+    for stage in stages:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        members = [n for n in graph.nodes if _in_stage(n, stage)]
+        if len(members) < 2:
+            continue  # a single leaf (timm's stem activation): nothing to save
+        member_set = set(members)
+        outputs = [n for n in members if any(u not in member_set for u in n.users)]
+        last = order[members[-1]]
+        if not outputs or any(order[u] < last for o in outputs for u in o.users
+                              if u not in member_set):
+            continue
+        inputs = list(dict.fromkeys(a for n in members for a in n.all_input_nodes
+                                    if a not in member_set and a.op != "get_attr"))
+        sub = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {a: sub.placeholder(a.name) for a in inputs}
+        for n in members:
+            for a in n.all_input_nodes:
+                if a not in env and a.op == "get_attr":
+                    env[a] = sub.node_copy(a)  # parameters read by traced-through layers
+            env[n] = sub.node_copy(n, env.__getitem__)
+        sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+        name = f"erm_checkpoint_{wrapped}"
+        out_gm.add_submodule(name, fx.GraphModule(out_gm, sub, "ERMCheckpointSegment"))
+        with graph.inserting_after(members[-1]):
+            segment = graph.get_attr(name)
+        with graph.inserting_after(segment):
+            call = graph.call_function(run_checkpointed, (segment, *inputs))
+        results = [call]
+        if len(outputs) > 1:
+            results = []
+            for i in range(len(outputs)):
+                with graph.inserting_after(results[-1] if results else call):
+                    results.append(graph.call_function(operator.getitem, (call, i)))
+        for o, r in zip(outputs, results, strict=True):
+            o.replace_all_uses_with(r, delete_user_cb=lambda u, s=member_set: u not in s)
+        for n in reversed(members):
+            graph.erase_node(n)
+        wrapped += 1
+    graph.lint()
+    out_gm.recompile()
+    return out_gm, wrapped

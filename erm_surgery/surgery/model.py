@@ -25,18 +25,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, warn_user
 from ._analysis import SurgeryInfo, analyse, probe_input
-from ._graphs import WEIGHTS_INPUT, build_graphs
-from .mask import ERMMask
-from .tracing import trace_model
+from ._graphs import WEIGHTS_INPUT, build_graphs, checkpoint_stages
+from .mask import ERMMask, apply_channel_mask
+from .tracing import checkpointing_modules, stage_names, trace_model
 
 __all__ = ["attach", "detach", "unwrap", "is_attached", "num_classes_of", "model_device",
            "ERMModel", "SurgeryInfo"]
@@ -53,17 +53,36 @@ class ERMModel(nn.Module):
     ``model.model`` is the (copied) original architecture, ``model.erm`` the mask,
     ``model.surgery`` a :class:`SurgeryInfo`. timm's ``num_classes``, ``num_features``,
     ``pretrained_cfg``/``default_cfg``, ``get_classifier``, ``forward_features`` and
-    ``forward_head`` keep working; other attributes are looked up on ``model.model``.
+    ``forward_head`` keep working; other attributes are looked up on ``model.model`` (and
+    assigning one that ``model.model`` has sets it there). The timm interface
+    (docs/surgery.md): ``reset_classifier`` and a replaced head module re-attach the mask;
+    ``set_grad_checkpointing`` checkpoints the traced graph's stages; torchvision's and
+    timm's feature extraction trace the masked model; ``load_state_dict`` takes a plain
+    model's weights; ``no_weight_decay`` / ``group_matcher`` serve timm's optimizer factory.
     """
 
     def __init__(self, model: nn.Module, graphs: dict[str, fx.GraphModule | None],
-                 info: SurgeryInfo, mask: ERMMask) -> None:
+                 info: SurgeryInfo, mask: ERMMask,
+                 attach_args: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.erm = mask
         # outside the registry on purpose: the graphs call model's own submodules
         self.__dict__["_graphs"] = graphs
         self.__dict__["surgery"] = info
+        # what attach() was told, so a changed model is located again the same way
+        self.__dict__["_attach_args"] = dict(attach_args or {})
+        self._remember_layout()
+
+    def _remember_layout(self) -> None:
+        """Record the head modules the graphs call and the modules carrying timm's
+        ``grad_checkpointing`` flag; :meth:`_sync` compares against them on every call."""
+        watched = []
+        for name in dict.fromkeys((self.surgery.head, *self.surgery.head_modules)):
+            with contextlib.suppress(AttributeError):
+                watched.append((name, self.model.get_submodule(name)))
+        self.__dict__["_watched"] = watched
+        self.__dict__["_ckpt_holders"] = checkpointing_modules(self.model)
 
     # Graphs are not pickled (fx would re-trace their generated code, and that code calls
     # apply_channel_mask, which has Python control flow): they are rebuilt from the model.
@@ -74,7 +93,19 @@ class ERMModel(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__dict__["_graphs"] = build_graphs(self.model, self.surgery)
+        self.__dict__.setdefault("_attach_args", {})
+        if "_watched" not in self.__dict__:  # pickled before these were recorded
+            self._remember_layout()
+        # a head replaced in the original (not yet re-attached) is re-attached in the copy
+        # too, on its first call (``_watched`` still holds the old head): the copy behaves
+        # like the original
+        try:
+            graphs = build_graphs(self.model, self.surgery)
+        except SurgeryError:
+            if self._replaced_head() is None:
+                raise
+            graphs = None
+        self.__dict__["_graphs"] = graphs
 
     # -- attribute fallback: training code asks timm models for many things
     def __getattr__(self, name: str) -> Any:
@@ -86,6 +117,18 @@ class ERMModel(nn.Module):
                 raise
             return getattr(modules["model"], name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``attached.fc = nn.Linear(...)`` means the model's fc, which reads come from too;
+        # registering it on the wrapper would leave a module no graph calls
+        inner = self.__dict__.get("_modules", {}).get("model")
+        if (inner is not None and name not in ("model", "erm")
+                and name not in self.__dict__ and name not in self._modules
+                and name not in self._parameters and name not in self._buffers
+                and not hasattr(type(self), name) and hasattr(inner, name)):
+            setattr(inner, name, value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def num_classes(self) -> int:
         return self.surgery.num_classes
@@ -94,7 +137,83 @@ class ERMModel(nn.Module):
     def num_features(self) -> int:
         return getattr(self.model, "num_features", self.surgery.num_channels)
 
+    # -- keeping the graphs in step with the module tree
+
+    def _replaced_head(self) -> str | None:
+        """Name of a head module that is no longer the one the graphs call, if any."""
+        for name, module in self.__dict__.get("_watched", ()):
+            try:
+                if self.model.get_submodule(name) is not module:
+                    return name
+            except AttributeError:
+                return name
+        return None
+
+    def _sync(self) -> None:
+        """Re-attach when the head was replaced since the graphs were built (a few
+        attribute lookups per call)."""
+        if self.__dict__.get("_graphs") is None:
+            self._reattach("the classifier was replaced")
+            return
+        changed = self._replaced_head()
+        if changed is not None:
+            self._reattach(f"the classifier module {changed!r} was replaced")
+
+    def _reattach(self, reason: str) -> None:
+        """Locate the feature map and head of the current ``model.model`` again and rebuild
+        the graphs; ``G`` is kept when C and K did not change, else replaced (a warning)."""
+        args = self._attach_args
+        old = self.surgery
+        eval_gm, info = _locate(self.model, args.get("feature_node"), args.get("head"), None,
+                                args.get("input_size"))
+        graphs = build_graphs(self.model, info, eval_gm)
+        if (info.num_classes, info.num_channels) != (old.num_classes, old.num_channels):
+            init = float(args.get("init", 0.5))
+            mask = ERMMask(info.num_classes, info.num_channels, init=init).to(self.erm.G.device)
+            forgotten = self.erm.forgotten_classes
+            super().__setattr__("erm", mask)
+            warn_user(
+                f"{reason}: the model now has C={info.num_classes} classes and K="
+                f"{info.num_channels} channels (was C={old.num_classes}, K={old.num_channels}), "
+                f"so the ERM mask was re-attached and G was reset to a new {info.num_classes} x "
+                f"{info.num_channels} matrix of {init:g}"
+                + (f" (the forgotten classes {forgotten} are no longer marked)" if forgotten
+                   else "")
+                + ". Train G again (erm_surgery.train) before unlearning, and build the "
+                "optimizer again: G and the head are new parameters")
+        self.__dict__["_graphs"] = graphs
+        self.__dict__["surgery"] = info
+        self._remember_layout()
+
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        """timm's ``reset_classifier`` on ``model.model``, then re-attach the mask.
+
+        The new head is what the graphs run. With a new class count, ``G`` is replaced by
+        a fresh ``num_classes x K`` matrix (a warning says so); with the same count it is
+        kept. Raises ``SurgeryError`` for ``num_classes < 2`` (``0`` removes the classifier,
+        which an ERM mask needs) before anything changes, and ``AttributeError`` when the
+        model has no ``reset_classifier`` (torchvision: replace the head module instead).
+        """
+        inner = self.model
+        if not callable(getattr(inner, "reset_classifier", None)):
+            raise AttributeError(
+                f"{type(inner).__name__} has no reset_classifier(); replace its classifier "
+                f"module instead (model.model.{self.surgery.head} = nn.Linear(...)): the "
+                "attached model re-attaches the mask on its next call")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise SurgeryError(
+                f"reset_classifier({num_classes!r}) on an attached model: the ERM mask needs "
+                "a classifier with >= 2 classes (G has one row per class). For features, use "
+                "model.forward_features(x), or erm_surgery.detach(model) and call "
+                "reset_classifier(0) on that plain copy")
+        inner.reset_classifier(num_classes, *args, **kwargs)
+        self._reattach(f"reset_classifier({num_classes})")
+
+    # -- graphs
+
     def _graph(self, kind: str) -> fx.GraphModule:
+        if self.training and kind != "head" and self._checkpointing():
+            return self._checkpointed(kind)
         gm = self._graphs[f"{kind}_{'train' if self.training else 'eval'}"]
         if gm is None:
             raise NotImplementedError(
@@ -103,19 +222,32 @@ class ERMModel(nn.Module):
             )
         return gm
 
+    def _checkpointing(self) -> bool:
+        """timm's ``set_grad_checkpointing`` is on (on the model or any of its stages)."""
+        return any(m.grad_checkpointing for m in self.__dict__.get("_ckpt_holders", ()))
+
+    def _checkpointed(self, kind: str) -> fx.GraphModule:
+        # fx cannot trace checkpoint_seq, so the stages are checkpointed on the graph
+        key = f"{kind}_train_checkpointed"
+        gm = self._graphs.get(key)
+        if gm is None:
+            stages = stage_names(self.model) or [n for n, _ in self.model.named_children()]
+            gm, wrapped = checkpoint_stages(self._graphs[f"{kind}_train"], stages)
+            if not wrapped and kind == "full":
+                warn_user(f"grad checkpointing is on, but none of the stages {stages} of "
+                          f"{type(self.model).__name__} could be checkpointed in the traced "
+                          "graph; the model runs without it")
+            self._graphs[key] = gm
+        return gm
+
     def _weights(self, x: torch.Tensor, labels: torch.Tensor | None,
                  channel_mask: torch.Tensor | None) -> torch.Tensor | None:
-        if labels is not None and channel_mask is not None:
-            raise ValueError("pass labels= or channel_mask=, not both")
-        if labels is not None:
-            return self.erm.weights(_check_labels(labels, x.shape[0], self.num_classes))
-        if channel_mask is not None:
-            return _check_channel_mask(channel_mask, x.shape[0], self.surgery.num_channels)
-        return None
+        return erm_weights(self.erm, x, labels, channel_mask, self.surgery.num_channels)
 
     @property
     def has_head_graph(self) -> bool:
         """Whether :meth:`forward_head` works: the head reads only the feature map."""
+        self._sync()
         return self._graphs["head_eval"] is not None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -127,8 +259,11 @@ class ERMModel(nn.Module):
         ``return_features=True`` returns the (masked) feature map instead, and
         ``return_features="both"`` returns ``(features, logits)`` from one pass (needs
         :attr:`has_head_graph`). Both go through ``forward`` so that wrappers such as DDP
-        see the call.
+        see the call. Under an fx tracer (feature extraction) the logits are traced.
         """
+        if isinstance(x, fx.Proxy):
+            return self._traced_forward(x, labels, channel_mask)
+        self._sync()
         weights = self._weights(x, labels, channel_mask)
         if return_features == "both":
             features = self._graph("features")(x, **{WEIGHTS_INPUT: weights})
@@ -136,14 +271,28 @@ class ERMModel(nn.Module):
         kind = "features" if return_features else "full"
         return self._graph(kind)(x, **{WEIGHTS_INPUT: weights})
 
+    def _traced_forward(self, x: fx.Proxy, labels: Any, channel_mask: Any) -> fx.Proxy:
+        """The forward as an fx tracer sees it (torchvision's / timm's
+        ``create_feature_extractor``, ``get_graph_node_names``): the masked graph is replayed
+        on the tracer's proxies, so every node is recorded against the registered
+        submodules (``model.layer3``...), and the mask weights and the mask itself become
+        single nodes (``erm_weights``, ``erm_mask``) that take their branches at run time:
+        the extracted model has both paths, ``extractor(x)`` and ``extractor(x, labels)``."""
+        self._sync()
+        weights = erm_weights(self.erm, x, labels, channel_mask, self.surgery.num_channels)
+        gm = self._graphs["full_train" if self.training else "full_eval"]
+        return _Replay(gm).run(x, weights)
+
     def forward_features(self, x: torch.Tensor, labels: torch.Tensor | None = None, *,
                          channel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The feature map at the mask (masked on the ERM path)."""
+        self._sync()
         weights = self._weights(x, labels, channel_mask)
         return self._graph("features")(x, **{WEIGHTS_INPUT: weights})
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits from a feature map returned by :meth:`forward_features`."""
+        self._sync()
         if pre_logits:
             if not hasattr(self.model, "forward_head"):
                 raise NotImplementedError("pre_logits needs the original model's forward_head")
@@ -155,23 +304,99 @@ class ERMModel(nn.Module):
             return self.model.get_classifier()
         return self.model.get_submodule(self.surgery.head)
 
+    # -- weights
 
-def _check_labels(labels: torch.Tensor, batch: int, num_classes: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"labels must be an integer tensor of class ids, got {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape ({batch},), one per sample, got "
-                         f"{tuple(labels.shape)}")
-    if labels.device.type == "cpu":
-        if batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"labels must be class ids in 0..{num_classes - 1}, got values "
-                             f"{int(labels.min())}..{int(labels.max())}")
-    else:  # no host sync on accelerators: the check runs on the device
-        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
-                            "labels out of range for the ERM mask")
-    return labels.long()
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a *plain* model's state dict (no key starts with
+        ``model.`` or ``erm.``) is loaded into ``model.model`` by
+        :meth:`load_plain_state_dict`, ``G`` kept."""
+        if state_dict and not any(str(k).startswith(("model.", "erm.")) for k in state_dict):
+            return self.load_plain_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def load_plain_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                              assign: bool = False) -> Any:
+        """Load the weights of a plain (not attached) model of the same architecture into
+        ``model.model``; ``G`` and the forgotten flags are kept. Returns torch's
+        ``(missing_keys, unexpected_keys)`` in the plain model's names. The reverse is
+        ``erm_surgery.detach(model).state_dict()``.
+
+        Raises ``SurgeryError`` for an attached model's state dict (``erm.*`` keys): load
+        that with :meth:`load_state_dict`.
+        """
+        if any(str(k).startswith("erm.") for k in state_dict):
+            raise SurgeryError(
+                "this state dict is an attached model's (it has erm.* keys): load it with "
+                "model.load_state_dict(state_dict); load_plain_state_dict takes the weights "
+                "of a plain model (e.g. timm.create_model(...).state_dict())")
+        result = self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+        self._sync()
+        return result
+
+    # -- timm's optimizer factory (create_optimizer_v2 / param_groups_layer_decay)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names timm's optimizer factory keeps out of weight decay: the model's
+        own list (``model.``-prefixed) and ``erm.G`` (decay would pull ``G`` to 0)."""
+        inner = getattr(self.model, "no_weight_decay", None)
+        names = set(inner()) if callable(inner) else set()
+        return {f"model.{n}" for n in names} | {"erm.G"}
+
+    @property
+    def group_matcher(self) -> Callable[..., Callable[[str], tuple[float, ...]]]:
+        """timm's ``group_matcher(coarse=False)`` for the ``model.``-prefixed parameter names:
+        the model's own layer grouping (layer-wise lr decay), ``G`` with the last layer
+        (unscaled). Missing (``hasattr`` is False) when the model has none."""
+        inner = getattr(self.model, "group_matcher", None)
+        if not callable(inner):
+            raise AttributeError(f"{type(self.model).__name__} has no group_matcher")
+
+        def matcher(coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+            from timm.models import group_parameters
+
+            layers = group_parameters(self.model, inner(coarse=coarse), reverse=True)
+            last = float(max(layers.values(), default=0))
+            table = {f"model.{n}": (float(i),) for n, i in layers.items()}
+            return lambda name: table.get(name, (last,))
+
+        return matcher
+
+
+# The mask's weights and the mask itself are single nodes when an fx tracer sees an
+# attached model (ERMModel._traced_forward), so the traced model keeps both paths.
+
+
+def erm_weights(mask: ERMMask, x: torch.Tensor, labels: torch.Tensor | None,
+                channel_mask: torch.Tensor | None, num_channels: int) -> torch.Tensor | None:
+    """The per-sample channel weights of one call: ``None`` (STD path), ``G``'s weights for
+    ``labels`` (checked by the mask), or the checked explicit ``channel_mask``."""
+    if labels is not None and channel_mask is not None:
+        raise ValueError("pass labels= or channel_mask=, not both")
+    if labels is not None:
+        return mask.weights(labels, x.shape[0])
+    if channel_mask is not None:
+        return _check_channel_mask(channel_mask, x.shape[0], num_channels)
+    return None
+
+
+def erm_mask(features: torch.Tensor, weights: torch.Tensor | None,
+             channel_dim: int = 1) -> torch.Tensor:
+    """:func:`apply_channel_mask` under the name the traced node gets."""
+    return apply_channel_mask(features, weights, channel_dim)
+
+
+fx.wrap("erm_weights")
+fx.wrap("erm_mask")
+
+
+class _Replay(fx.Interpreter):
+    """Runs a masked graph on a tracer's proxies, the mask as one ``erm_mask`` node."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target is apply_channel_mask:
+            return erm_mask(*args, **kwargs)  # the wrapped global: one node, not traced into
+        return super().call_function(target, args, kwargs)
 
 
 def _check_channel_mask(mask: torch.Tensor, batch: int, num_channels: int) -> torch.Tensor:
@@ -264,9 +489,26 @@ def attach(
         raise SurgeryError("the model contains an attached ERMModel; attach only once")
     base = copy.deepcopy(model)
     mode = base.training
+    eval_gm, info = _locate(base, feature_node, head, num_classes, input_size)
+    graphs = build_graphs(base, info, eval_gm)
+    mask = ERMMask(info.num_classes, info.num_channels, init=init)
+    param = next(iter(base.parameters()), None)
+    if param is not None:
+        mask.to(param.device)
+    erm_model = ERMModel(base, graphs, info, mask, attach_args={
+        "feature_node": feature_node, "head": head, "init": init,
+        "input_size": tuple(input_size) if input_size is not None else None})
+    erm_model.train(mode)
+    return erm_model
 
+
+def _locate(base: nn.Module, feature_node: str | None, head: str | None,
+            num_classes: int | None, input_size: Sequence[int] | None,
+            ) -> tuple[fx.GraphModule, SurgeryInfo]:
+    """Trace ``base`` in eval mode, propagate shapes, and find the feature node and head."""
     eval_gm = trace_model(base, training=False)
     probe = probe_input(base, input_size)
+    mode = base.training
     base.eval()
     try:
         # ShapeProp prints the traceback of a failing node itself; our error says it all
@@ -279,16 +521,7 @@ def attach(
         ) from err
     finally:
         base.train(mode)
-    info = analyse(eval_gm, feature_node, head, num_classes)
-
-    graphs = build_graphs(base, info, eval_gm)
-    mask = ERMMask(info.num_classes, info.num_channels, init=init)
-    param = next(iter(base.parameters()), None)
-    if param is not None:
-        mask.to(param.device)
-    erm_model = ERMModel(base, graphs, info, mask)
-    erm_model.train(mode)
-    return erm_model
+    return eval_gm, analyse(eval_gm, feature_node, head, num_classes)
 
 
 def detach(model: ERMModel) -> nn.Module:

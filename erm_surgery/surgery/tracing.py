@@ -29,7 +29,8 @@ from ..errors import SurgeryError
 
 __all__ = ["ERMTracer", "leaf_module_types", "leaf_modules", "autowrap_functions",
            "tracer_kwargs", "trace_model", "trace_with_names", "ancestors", "descendants",
-           "output_node", "node_shape", "find_classifier", "stage_names"]
+           "output_node", "node_shape", "find_classifier", "stage_names",
+           "checkpointing_modules"]
 
 
 def leaf_module_types() -> tuple[type, ...]:
@@ -142,6 +143,12 @@ def trace_model(model: nn.Module, training: bool) -> fx.GraphModule:
     """
     was_training = model.training
     model.train(training)
+    # timm's grad checkpointing (``checkpoint_seq``) cannot be traced; the graph is traced
+    # without it and ``attach`` re-creates it on the graph (surgery/_graphs.py)
+    holders = checkpointing_modules(model)
+    flags = [m.grad_checkpointing for m in holders]
+    for m in holders:
+        m.grad_checkpointing = False
     try:
         # first with optional None arguments fixed to None (hiera's ``mask=None`` otherwise
         # traces as a tensor input and takes the masked branch); some models cannot be
@@ -165,6 +172,15 @@ def trace_model(model: nn.Module, training: bool) -> fx.GraphModule:
         ) from err
     finally:
         model.train(was_training)
+        for m, flag in zip(holders, flags, strict=True):
+            m.grad_checkpointing = flag
+
+
+def checkpointing_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that carry timm's ``grad_checkpointing`` flag (set by
+    ``set_grad_checkpointing``: on the model, or on each stage for ConvNeXt-like models)."""
+    return [m for m in model.modules()
+            if isinstance(m.__dict__.get("grad_checkpointing"), bool)]
 
 
 def ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
