@@ -325,3 +325,14 @@ def test_the_feature_node_does_not_depend_on_the_class_count(source, name, side)
         found[C] = (info.feature_node, info.num_channels, info.channel_dim, info.feature_shape)
     assert found[7] == found[10] == found[1000], found
     assert found[7][1] not in (7, 10, 1000)
+
+
+def test_a_model_without_reset_classifier_says_how_to_replace_its_head():
+    model = E.attach(ConvClassifierNet(10), input_size=(3, 28, 28))
+    with pytest.raises(AttributeError, match=r"model\.model\.fc = nn\.Linear"):
+        model.reset_classifier(5)
+    model.model.fc = nn.Conv2d(24, 5, 1)  # the way it says: re-attached on the next call
+    x = torch.randn(2, 3, 28, 28)
+    with pytest.warns(UserWarning, match="G was reset"), torch.no_grad():
+        assert torch.equal(model(x), model.model(x))
+    assert model.erm.G.shape == (5, 24) and model.surgery.channel_dim == 1

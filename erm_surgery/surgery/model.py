@@ -141,11 +141,14 @@ class ERMModel(nn.Module):
 
     def _replaced_head(self) -> str | None:
         """Name of a head module that is no longer the one the graphs call, if any."""
+        root = self.__dict__["_modules"]["model"]
         for name, module in self.__dict__.get("_watched", ()):
-            try:
-                if self.model.get_submodule(name) is not module:
+            current = root
+            for part in name.split("."):  # get_submodule without its checks: every call
+                current = current.__dict__["_modules"].get(part)
+                if current is None:
                     return name
-            except AttributeError:
+            if current is not module:
                 return name
         return None
 
