@@ -94,13 +94,21 @@ def method_kwargs(name: str, args: argparse.Namespace, recorder: UpdateRecorder)
         "fisher": {"config": B.FisherConfig(seed=args.seed, **quiet)},
         "sisa": {},  # retrains with the ensemble's own training config
         "ktp": {"config": KTPConfig(seed=args.seed, **quiet)},
+        "salun": {"config": B.SalUnConfig(seed=args.seed, **quiet)},
+        "l1_sparse": {"config": B.L1SparseConfig(seed=args.seed, **quiet)},
+        "scrub": {"config": B.SCRUBConfig(seed=args.seed, **quiet)},
+        "ssd": {"config": B.SSDConfig(seed=args.seed, **quiet)},
+        "bad_teacher": {"config": B.BadTeacherConfig(seed=args.seed, **quiet)},
+        "boundary_shrink": {"config": B.BoundaryShrinkConfig(seed=args.seed, **quiet)},
     }
     return known.get(name, {})
 
 
 NEEDS = {"ktp": "attached, ERM-trained", "amnesiac": "update recorder during training",
          "sisa": "SISA ensemble (train_sisa)", "retrain": "any", "finetune": "any",
-         "random_labels": "any", "neggrad": "any", "fisher": "any"}
+         "random_labels": "any", "neggrad": "any", "fisher": "any", "salun": "any",
+         "l1_sparse": "any", "scrub": "any", "ssd": "any", "bad_teacher": "any",
+         "boundary_shrink": "any"}
 
 
 def finite(x: Any) -> float | None:

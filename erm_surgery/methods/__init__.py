@@ -10,7 +10,9 @@ docs/architecture.md.
 - :mod:`.esc`: ``esc``, ``esc_t`` (training-free);
 - :mod:`.ec`: ``ec``, ``ktp_ec`` (Erase-at-the-Core);
 - :mod:`.baselines`: ``retrain``, ``finetune``, ``random_labels``, ``neggrad``,
-  ``amnesiac``, ``fisher``, ``sisa``.
+  ``amnesiac``, ``fisher``, ``sisa``, and the methods recent papers compare against:
+  ``salun``, ``l1_sparse``, ``boundary_shrink`` (group ``"baseline"``), ``scrub``,
+  ``bad_teacher`` (``"distillation"``), ``ssd`` (``"training-free"``, beside ESC).
 """
 
 from . import baselines, ec, esc, ktp  # noqa: F401  (registration on import)
