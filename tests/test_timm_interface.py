@@ -258,6 +258,7 @@ def test_param_groups_put_G_alone_without_weight_decay(attached):
     opt.step()
     assert torch.equal(attached.erm.G, G)
     assert torch.allclose(attached.model.fc.weight, w * (1 - 0.1 * 0.05))
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})  # a caller's own group
 
 
 def test_param_groups_layer_decay_scales_the_lr_by_depth(attached):

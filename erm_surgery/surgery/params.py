@@ -63,7 +63,8 @@ def param_groups(
 
     Parameters with ``requires_grad=False`` (a frozen backbone) are left out. Each group has
     a ``name`` (``"erm.G"``, ``"decay"``, ``"no_decay"``, or ``"layer_3_decay"``...) and its
-    own ``lr`` and ``weight_decay``. Works on plain models too (no ``G`` group then).
+    own ``lr`` and ``weight_decay`` (no ``param_names``: torch then requires them in every
+    group, including any the caller adds). Works on plain models too (no ``G`` group).
 
     Example::
 
@@ -86,7 +87,7 @@ def param_groups(
     inner = model.__dict__.get("_modules", {}).get("model")
     erm = model.__dict__.get("_modules", {}).get("erm")
     attached = inner is not None and isinstance(getattr(erm, "G", None), nn.Parameter)
-    net, prefix = (inner, "model.") if attached else (model, "")
+    net = inner if attached else model
 
     no_decay_fn = getattr(net, "no_weight_decay", None)
     no_decay = set(no_decay_fn()) if callable(no_decay_fn) else set()
@@ -95,8 +96,7 @@ def param_groups(
     groups: dict[str, dict[str, Any]] = {}
     if attached and erm.G.requires_grad:
         groups["erm.G"] = {"name": "erm.G", "params": [erm.G],
-                           "lr": float(lr if g_lr is None else g_lr), "weight_decay": 0.0,
-                           "param_names": ["erm.G"]}
+                           "lr": float(lr if g_lr is None else g_lr), "weight_decay": 0.0}
     for name, param in net.named_parameters():
         if not param.requires_grad:
             continue
@@ -109,7 +109,6 @@ def param_groups(
             kind = f"layer_{layer}_{kind}"
         group = groups.setdefault(kind, {
             "name": kind, "params": [], "lr": float(lr) * scale,
-            "weight_decay": float(weight_decay) if decays else 0.0, "param_names": []})
+            "weight_decay": float(weight_decay) if decays else 0.0})
         group["params"].append(param)
-        group["param_names"].append(prefix + name)
     return list(groups.values())
