@@ -451,7 +451,8 @@ def test_head_only_forgetting_is_caught_by_the_probe(digits_models, tmp_path, mo
     shuffled_train = DataLoader(train, batch_size=128, shuffle=True)  # order must not matter
     report = evaluate(fake, FORGET, shuffled_train, test, original=original,
                       retrained=retrained,
-                      config=EvalConfig(probe_epochs=10, relearn_epochs=1, batch_size=512))
+                      config=EvalConfig(probe_epochs=10, relearn_epochs=1, batch_size=512,
+                                        fewshot_shots=(5, 10), fewshot_draws=2))
 
     # one inference pass per model per split, shared by accuracy, MIA, probe, CKA, k-NN
     assert sorted(passes) == sorted({(r, s) for r in ("model", "original", "retrained")
@@ -475,12 +476,17 @@ def test_head_only_forgetting_is_caught_by_the_probe(digits_models, tmp_path, mo
     assert report.relearn["model"].epochs_to_threshold is None  # a hard mask never relearns
     assert report.relearn["original"].epochs_to_threshold == 0
     assert report.erm is not None and report.erm.zero_rows == FORGET
+    # the few-shot probe sees what the logits hide: the verdict never calls the fake forgotten
+    assert report.fewshot["model"].mean == report.fewshot["original"].mean
+    assert report.verdict is not None and report.verdict.status != "forgotten"
+    assert report.zrf["model"].score > report.zrf["original"].score  # ZRF is fooled
 
     written = report.save(tmp_path / "report")
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["forget_classes"] == FORGET
     assert data["probe"]["model"]["forget_acc"] > 0.9
     assert data["relearn"]["model"]["epochs_to_threshold"] is None
+    assert data["verdict"]["status"] == report.verdict.status
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| Probe acc, forget classes (KR) |" in md and "![mia](mia.png)" in md
     pngs = {"erm_mask", "per_class_accuracy", "cka_by_layer", "relearn_curves", "mia"}

@@ -31,7 +31,7 @@ __all__ = ["DemoSettings", "DemoResult", "run_demo", "demo_rows", "DEFAULT_EPOCH
 
 DEFAULT_EPOCHS = 8
 DEFAULT_CLASSES = (3, 7)
-_QUICK = {"n_train": 512, "n_test": 256, "epochs": 2, "ktp_epochs": 1}
+_QUICK = {"n_train": 512, "n_test": 256, "epochs": 4, "ktp_epochs": 1}
 IMAGE_SIZE = 32
 
 
@@ -45,7 +45,7 @@ class DemoSettings:
         epochs: training epochs of the original model and of the retrained reference.
         out: folder for the checkpoints, the report and ``summary.json``.
         seed: seeds the initialisations, data order, KTP and the evaluation.
-        quick: a tiny run (512 training digits, 2 epochs, light evaluation) for tests.
+        quick: a tiny run (512 training digits, 4 ERM epochs, light evaluation) for tests.
         progress: tqdm progress bars (on stderr).
     """
 
@@ -74,7 +74,7 @@ class DemoResult:
             ``evaluate``, ``total``).
         files: paths written, keyed by role (``original``, ``unlearned``, ``retrained``,
             ``report``, ``summary``).
-        table: the printed summary table.
+        table: the printed summary: the verdict's line, then the table.
     """
 
     report: Any
@@ -102,6 +102,10 @@ def demo_rows(report: Any, seconds: dict[str, float]) -> tuple[list[str], list[l
     def get(table: dict[str, Any], role: str, attr: str) -> float | None:
         return getattr(table[role], attr) if role in table else None
 
+    def fewshot(role: str, k: int) -> str:
+        res = report.fewshot.get(role)
+        return _pct(res.at(k)) if res is not None and k in res.shots else "n/a"
+
     def cka(role: str, ref: str) -> str:
         if role == ref:
             return "1 (self)"
@@ -122,6 +126,8 @@ def demo_rows(report: Any, seconds: dict[str, float]) -> tuple[list[str], list[l
         row("forget acc (test)", lambda r: _pct(get(report.accuracy, r, "forget_test"))),
         row("retain acc (test)", lambda r: _pct(get(report.accuracy, r, "retain_test"))),
         row("probe acc, forget classes", lambda r: _pct(get(report.probe, r, "forget_acc"))),
+        *(row(f"few-shot probe, forget classes (k={k})", lambda r, k=k: fewshot(r, k))
+          for k in (5, 10) if any(k in res.shots for res in report.fewshot.values())),
         row("MIA attack acc (0.5 = none)", lambda r: _f2(get(report.mia, r, "accuracy"))),
         row("CKA to original (pooled)", lambda r: cka(r, "original")),
         row("CKA to retrained (pooled)", lambda r: cka(r, "retrained")),
@@ -179,8 +185,9 @@ def run_demo(settings: DemoSettings, *,
     echo(f"[1/4] ERM training of the original model ({epochs} epochs)")
     original = fresh()
     t = time.perf_counter()
-    # quick: no warm-up epoch, so that even 2 epochs include an ERM epoch
-    erm_cfg = ERMConfig(warmup_epochs=0) if settings.quick else ERMConfig()
+    # quick: ERM epochs only, so that its few steps separate G enough for KTP (which
+    # refuses a G that covers every channel)
+    erm_cfg = ERMConfig(warmup_epochs=0, erm_every=1) if settings.quick else ERMConfig()
     trained = train(original, train_set, epochs=epochs, val_data=test_set, seed=seed,
                     config=erm_cfg, show_progress=settings.progress)
     seconds["train"] = time.perf_counter() - t
@@ -215,12 +222,13 @@ def run_demo(settings: DemoSettings, *,
                                          trained_without=classes)
 
     # 4. the evidence
-    echo("[4/4] evaluating: accuracy, membership inference, linear probe, CKA, k-NN, "
-         "relearn time")
+    echo("[4/4] evaluating: accuracy, membership inference, linear and few-shot probes, CKA, "
+         "k-NN, relearn time, the verdict")
     if settings.quick:
         eval_cfg = EvalConfig(seed=seed, show_progress=settings.progress, batch_size=128,
                               probe_epochs=2, probe_min_steps=20, mia_folds=2,
-                              cka_max_samples=64, cka_max_layers=2, knn_k=5, relearn_epochs=1)
+                              cka_max_samples=64, cka_max_layers=2, knn_k=5, relearn_epochs=1,
+                              fewshot_shots=(5, 10), fewshot_draws=2)
     else:
         eval_cfg = EvalConfig(seed=seed, show_progress=settings.progress, relearn_epochs=2)
     t = time.perf_counter()
@@ -238,12 +246,18 @@ def run_demo(settings: DemoSettings, *,
 
     header, rows = demo_rows(report, seconds)
     table = format_table(header, rows)
+    verdict = report.verdict
+    if verdict is not None:
+        # what the numbers add up to, first: the table is the evidence behind it
+        table = f"{verdict.line()}\n\n{table}"
     summary = {
         "settings": {**asdict(settings), "out": str(out), "epochs": epochs,
                      "classes": classes},
         "seconds": seconds,
         "unlearn_over_retrain": ratio,
         "table": {"header": header, "rows": rows},
+        "verdict": ({"status": verdict.status, "reason": verdict.reason}
+                    if verdict is not None else None),
         "files": {k: str(v) for k, v in files.items()},
     }
     files["summary"] = atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -32,19 +32,24 @@ from ..models import load_checkpoint, read_checkpoint
 NAME = "evaluate"
 
 DESCRIPTION = ("Measure how well a checkpoint forgot its classes (erm_surgery.evaluate): "
-               "accuracy, membership inference, linear probe, CKA and k-NN agreement with "
-               "the references, relearn time, ERM mask diagnostics. Writes report.json, "
-               "report.md, report.html and PNG plots.")
+               "accuracy, membership inference, linear and few-shot probes, CKA and k-NN "
+               "agreement with the references, relearn time, ERM mask diagnostics (entropy "
+               "MIA and ZRF as labelled diagnostics), and a verdict: forgotten / not "
+               "forgotten / inconclusive / broken. Writes report.json, report.md, "
+               "report.html and PNG plots.")
 
 EPILOG = f"""\
 The forget classes default to those the checkpoint records as forgotten. Metrics that
 need a reference (CKA, k-NN) are skipped with a note when --original / --retrained are
-missing. The table's columns are the evaluated model and the references.
+missing. The table's columns are the evaluated model and the references. The verdict
+needs both --original and --retrained (inconclusive otherwise); two --retrained
+checkpoints (two seeds) give it a measured noise band.
 
 examples:
   {PROG} evaluate runs/model-forget-3-7.safetensors --original runs/model.safetensors
   {PROG} evaluate runs/model-forget-3-7.safetensors --original runs/model.safetensors \\
-      --retrained runs/retrained.safetensors --out reports/3-7
+      --retrained runs/retrained.safetensors runs/retrained-seed2.safetensors \\
+      --out reports/3-7
   {PROG} evaluate runs/model-forget-3-7.safetensors --metrics accuracy probe mia
 """
 
@@ -60,9 +65,10 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> argparse.Arg
     p.add_argument("--classes", nargs="+", metavar="ID",
                    help="forget classes (default: those the checkpoint records as forgotten)")
     p.add_argument("--original", metavar="CKPT", help="the model before unlearning")
-    p.add_argument("--retrained", metavar="CKPT",
+    p.add_argument("--retrained", metavar="CKPT", nargs="+",
                    help="a model retrained without the forget classes (erm-surgery train "
-                   "--exclude-classes ... --plain)")
+                   "--exclude-classes ... --plain); a second one (another seed) sets the "
+                   "verdict's noise band")
     p.add_argument("--metrics", nargs="+", choices=METRICS, metavar="NAME",
                    default=list(METRICS),
                    help=f"metrics to compute (default: all of {', '.join(METRICS)})")
@@ -93,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
     from ...evaluation import EvalConfig, evaluate
 
     meta, spec = read_checkpoint(args.checkpoint)
-    refs = {role: read_checkpoint(p) for role, p in (("original", args.original),
-                                                      ("retrained", args.retrained)) if p}
+    retrained_paths = list(args.retrained or [])
+    ref_paths = {"original": args.original} if args.original else {}
+    for i, path in enumerate(retrained_paths):
+        ref_paths["retrained" if i == 0 else f"retrained_{i + 1}"] = path
+    refs = {role: read_checkpoint(p) for role, p in ref_paths.items()}
     for role, (_, ref_spec) in refs.items():
         if ref_spec.num_classes != spec.num_classes or ref_spec.in_chans != spec.in_chans:
             raise UsageError(f"--{role} has {ref_spec.num_classes} classes x "
@@ -122,11 +131,10 @@ def run(args: argparse.Namespace) -> int:
 
     data = load_matching_data(dataset, root, spec, args.max_samples)
     model, _, _ = load_checkpoint(src)
-    references = {role: load_checkpoint(p)[0] for role, p in (("original", args.original),
-                                                               ("retrained", args.retrained))
-                  if p}
+    references = {role: load_checkpoint(p)[0] for role, p in ref_paths.items()}
+    retrained = [references[r] for r in ref_paths if r.startswith("retrained")]
     echo(f"data:  {data.describe()}")
-    ref_text = ", ".join(f"{role} {getattr(args, role)}" for role in refs) or "none"
+    ref_text = ", ".join(f"{role} {path}" for role, path in ref_paths.items()) or "none"
     echo(f"model: {src} ({spec.model}); forget classes {named_classes(classes, names)}; "
          f"references: {ref_text}; on {device}")
     workers = resolve_workers(args.workers, dataset)
@@ -140,11 +148,14 @@ def run(args: argparse.Namespace) -> int:
                         show_progress=not args.no_progress)
     report = evaluate(model, classes, loader(data.train_eval), loader(data.test),
                       original=references.get("original"),
-                      retrained=references.get("retrained"), metrics=args.metrics,
+                      retrained=retrained or None, metrics=args.metrics,
                       config=config, device=device)
     written = report.save(out, plots=not args.no_plots)
     rows = [[label, *cells] for label, cells in report.summary_rows()]
     echo()
+    if report.verdict is not None:
+        echo(report.verdict.line())
+        echo()
     echo(format_table(["", *report.models], rows))
     for note in report.notes:
         echo(f"note: {note}")
