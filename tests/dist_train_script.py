@@ -9,6 +9,7 @@ from pathlib import Path
 
 import timm
 import torch
+from helpers import separated
 from torch.utils.data import DataLoader, TensorDataset
 
 import erm_surgery as E
@@ -51,7 +52,9 @@ def main(out: Path) -> None:
         "val_accuracy": result.history[-1].val_accuracy,
         "reference_val_accuracy": reference,
     }
-    # KTP on the same two processes: one distillation epoch, student synchronised
+    # KTP on the same two processes: one distillation epoch, student synchronised (on a
+    # hand-separated G: 3 epochs do not separate the classes and KTP would refuse)
+    separated(result.model)
     student, info = ktp(result.model, [1], train_set, accelerator=acc,
                         config=KTPConfig(epochs=1, batch_size=16, show_progress=False))
     s_flat = torch.cat([p.detach().flatten() for p in student.model.parameters()])

@@ -51,11 +51,12 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int, command:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ERM checkpoint written by ``erm-surgery train`` (2 epochs on 400 digits)."""
+    """A tiny ERM checkpoint written by ``erm-surgery train`` (3 ERM epochs on 400 digits:
+    fewer leave a G that covers every channel, which KTP refuses)."""
     work = tmp_path_factory.mktemp("cli")
-    ok(cli("train", "--model", "test_resnet", "--dataset", "mnist5k", "--epochs", "2",
-           "--warmup-epochs", "0", "--batch-size", "64", "--out", "runs/m.safetensors", *TINY,
-           cwd=work))
+    ok(cli("train", "--model", "test_resnet", "--dataset", "mnist5k", "--epochs", "3",
+           "--warmup-epochs", "0", "--erm-every", "1", "--batch-size", "64", "--out",
+           "runs/m.safetensors", *TINY, cwd=work))
     return work / "runs" / "m.safetensors"
 
 
@@ -98,7 +99,7 @@ def test_train_unlearn_evaluate(trained: Path) -> None:
     assert meta["extra"]["model_spec"] == {"model": "test_resnet", "num_classes": 10,
                                            "in_chans": 1, "image_size": 32}
     assert meta["extra"]["data"]["dataset"] == "mnist5k"
-    assert len(meta["extra"]["training"]["history"]) == 2
+    assert len(meta["extra"]["training"]["history"]) == 3
     assert (work / "runs" / "m-run" / "history.json").is_file()
 
     result = ok(cli("unlearn", trained, "--classes", "3,7", "--recipe", "paper", "--epochs",
@@ -146,7 +147,7 @@ def test_image_folder_train_and_unlearn_by_class_name(tmp_path: Path, monkeypatc
                 colour = tuple(min(255, 60 * c + rng.randrange(60)) for _ in range(3))
                 Image.new("RGB", (20, 16), colour).save(folder / f"{i}.png")
     ok(cli("train", "--model", "test_resnet", "--dataset", "folder", "--data-root", "pets",
-           "--image-size", "32", "--epochs", "1", "--erm-every", "1", "--warmup-epochs", "0",
+           "--image-size", "32", "--epochs", "6", "--erm-every", "1", "--warmup-epochs", "0",
            "--batch-size", "4", "--out", "f.safetensors", "--no-progress", cwd=tmp_path))
     meta = read_metadata(tmp_path / "f.safetensors")
     assert meta["extra"]["model_spec"] == {"model": "test_resnet", "num_classes": 3,
@@ -461,3 +462,18 @@ def test_esc_checkpoint_reads_back(trained: Path) -> None:
     with torch.no_grad():
         assert not torch.allclose(model(x), original(x)), "the projection is in the graph"
     assert torch.equal(model.erm.G, original.erm.G)
+
+
+def test_unlearn_refuses_a_g_that_has_not_separated_the_classes(tmp_path: Path) -> None:
+    """One ERM epoch (7 steps of G) leaves every entry of G above 0: KTP would prohibit
+    every channel. One line with the reason and the fix, exit 1, nothing written."""
+    ok(cli("train", "--model", "test_resnet", "--dataset", "mnist5k", "--epochs", "1",
+           "--warmup-epochs", "0", "--erm-every", "1", "--batch-size", "64", "--out",
+           "short.safetensors", *TINY,
+           cwd=tmp_path))
+    result = cli("unlearn", "short.safetensors", "--classes", "3", "--epochs", "1", *TINY,
+                 cwd=tmp_path)
+    one_line_error(result, 1, "unlearn", "G has not separated the classes",
+                   "cover all 96 channels", "Train with ERM until the classes separate")
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["short.safetensors"]
+    assert read_metadata(tmp_path / "short.safetensors")["forgotten_classes"] == []

@@ -60,6 +60,38 @@ def test_unlearn_without_data_uses_the_training_data():
     assert plain.unlearning_info.forget_classes == [2]
 
 
+@pytest.mark.parametrize("case", ["untrained", "ema", "starved"])
+def test_a_g_that_has_not_separated_the_classes_is_refused_before_any_work(case):
+    model = E.attach(tiny_net())
+    G = model.erm.G
+    with torch.no_grad():
+        if case == "ema":  # an average of separated rows: every entry a little above 0
+            separated(model)
+            G.mul_(0.9).add_(0.01)
+        elif case == "starved":  # classes 0, 1 and 3 use only channels 0-7, all class 5's
+            separated(model)
+            G[5, :8] = 1.0
+            G[3, :] = 0.0
+            G[3, :8] = 1.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = {"untrained": r"cover all 96 channels.*never been trained",
+                "ema": r"cover all 96 channels.*96 of 96 channels are in use",
+                "starved": r"every channel that class\(es\) 0, 1, 3 use \(3 of 9 retain"}[case]
+    forget = [5] if case == "starved" else [3]
+    with pytest.raises(UnlearningError, match=expected) as err:
+        E.unlearn(model, forget, tiny_data(), **QUICK)
+    assert "Nothing was changed" in str(err.value) and "train() ends with an ERM health" in str(
+        err.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.erm.forgotten_classes == []
+    if case == "ema":  # the documented fixes: the live model's G, or a threshold above noise
+        student = E.unlearn(model, [3], tiny_data(), threshold=0.02, **QUICK)
+        assert student.erm.forgotten_classes == [3]
+        live = separated(E.attach(tiny_net()))
+        model.erm.load_state_dict(live.erm.state_dict())
+        assert E.unlearn(model, [3], tiny_data(), **QUICK).erm.forgotten_classes == [3]
+
+
 def test_entanglement_warning_is_short():
     model = entangled_but_separated(E.attach(tiny_net()))
     with warnings.catch_warnings(record=True) as caught:

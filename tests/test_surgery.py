@@ -318,7 +318,9 @@ def test_feature_node_override_and_bad_override():
         (torch.tensor([-1, 0]), ValueError, "0..9"),
         (torch.tensor([0, 1, 2]), ValueError, "shape"),
         (torch.tensor([[0], [1]]), ValueError, "shape"),
-        (torch.tensor([0.0, 1.0]), TypeError, "integer"),
+        # float labels are soft targets (N, C): a float vector of ids is refused, not cast
+        (torch.tensor([0.0, 1.0]), ValueError, r"soft targets.*shape \(2, 10\).*integer"),
+        (torch.tensor([True, False]), TypeError, "integer class ids or float soft targets"),
         ([0, 1], TypeError, "torch.Tensor"),
     ],
 )

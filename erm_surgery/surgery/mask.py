@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["ERMMask", "apply_channel_mask"]
+__all__ = ["ERMMask", "apply_channel_mask", "check_labels"]
 
 
 def apply_channel_mask(
@@ -28,6 +28,41 @@ def apply_channel_mask(
     shape = [w.shape[0], 1, 1, 1]
     shape[channel_dim] = w.shape[1]
     return features * w.reshape(shape)
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_labels(labels: torch.Tensor, batch: int, num_classes: int) -> torch.Tensor:
+    """The labels of the ERM path, checked: class ids ``(N,)`` come back as int64, soft
+    targets ``(N, C)`` (mixup, CutMix, label smoothing) as they are.
+
+    The range of class ids is checked without a host sync where that would cost one: under
+    ``torch.compile`` (no graph break) and on accelerators it is a device-side assert; in
+    eager mode on the CPU it is a plain check with a readable message.
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point():
+        if labels.shape != (batch, num_classes):
+            raise ValueError(
+                f"float labels are soft targets and must have shape ({batch}, {num_classes}) "
+                f"(one probability row per sample, e.g. from timm's Mixup), got "
+                f"{tuple(labels.shape)}; pass class ids as an integer tensor of shape ({batch},)")
+        return labels
+    if labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"labels must be integer class ids or float soft targets, got "
+                        f"{labels.dtype}")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), one per sample, got "
+                         f"{tuple(labels.shape)}")
+    if torch.compiler.is_compiling() or labels.device.type != "cpu":
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            "labels out of range for the ERM mask")
+    elif batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must be class ids in 0..{num_classes - 1}, got values "
+                         f"{int(labels.min())}..{int(labels.max())}")
+    return labels.long()
 
 
 class ERMMask(nn.Module):
@@ -66,8 +101,18 @@ class ERMMask(nn.Module):
         """Class ids removed by unlearning, ascending."""
         return torch.nonzero(self.forgotten).flatten().tolist()
 
-    def weights(self, labels: torch.Tensor) -> torch.Tensor:
-        """Rows of ``G`` for ``labels``: the ``(N, K)`` channel weights of the ERM path."""
+    def weights(self, labels: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """The ``(N, K)`` channel weights of the ERM path for ``labels``.
+
+        ``labels`` are class ids ``(N,)`` (the rows ``G[labels]``) or soft targets ``(N, C)``
+        such as timm's ``Mixup`` / CutMix / label smoothing give (the label-weighted mix of
+        rows, ``labels @ G``: a mixed image may use the channels of both its classes). They
+        are checked first (:func:`check_labels`); ``batch`` is the expected ``N``.
+        """
+        labels = check_labels(labels, labels.shape[0] if batch is None else batch,
+                              self.num_classes)
+        if labels.is_floating_point():
+            return labels.to(self.G.dtype) @ self.G
         return self.G[labels]
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ the host: every function returns tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -123,42 +124,51 @@ def find_mask(model: nn.Module) -> ERMMask:
     return mask
 
 
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def erm_loss(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     config: ERMConfig | None = None,
     *,
+    criterion: Criterion | None = None,
     return_terms: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ERM-path objective for one batch (one forward pass).
 
-    ``model`` is an attached model, possibly wrapped (DDP, ``accelerator.prepare``).
-    Returns the scalar loss, or ``(loss, terms)`` with the detached ``ce``, ``l1``,
-    ``inner``, ``prohibit`` parts and the ERM-path ``logits``.
+    ``model`` is an attached model, possibly wrapped (DDP, ``accelerator.prepare``,
+    ``torch.compile``). ``y`` holds class ids ``(N,)`` or soft targets ``(N, C)`` (timm's
+    ``Mixup`` / CutMix, label smoothing): a soft target's mask is the label-weighted mix of
+    ``G``'s rows. ``criterion(logits, y)`` replaces the cross-entropy (e.g. timm's
+    ``SoftTargetCrossEntropy`` or ``LabelSmoothingCrossEntropy``); the default,
+    ``F.cross_entropy``, takes both kinds of target. Returns the scalar loss, or
+    ``(loss, terms)`` with the detached ``ce``, ``l1``, ``inner``, ``prohibit`` parts and the
+    ERM-path ``logits``.
 
     With ``config.lambda4 > 0`` (and a model whose head reads only the feature map) the
     backbone runs once, unmasked, through ``model`` (so DDP sees the call); the map is then
-    multiplied by ``G[y]`` and by the complement ``G[y] <= 0`` and both go through the head
-    as one batch.
+    multiplied by the sample's mask and by its complement (channels with mask ``<= 0``) and
+    both go through the head as one batch.
     """
     config = config or ERMConfig()
-    G = find_mask(model).G
+    criterion = criterion or F.cross_entropy
+    mask = find_mask(model)
+    G = mask.G
     inner_model = _attached(model)
     prohibit = torch.zeros((), device=G.device)
     if config.lambda4 > 0 and getattr(inner_model, "has_head_graph", False):
         feats = model(x, return_features=True)
-        rows = G[y]
+        rows = mask.weights(y, x.shape[0])
         dim = inner_model.surgery.channel_dim
         both = torch.cat([apply_channel_mask(feats, rows, dim),
                           apply_channel_mask(feats, (rows <= 0).to(feats.dtype), dim)])
-        logits, rest = inner_model.forward_head(both).split(y.shape[0])
-        # -log(1 - p_y) of the prohibited logits: the class must not survive prohibition
-        log_p = F.log_softmax(rest.float(), dim=1).gather(1, y[:, None]).squeeze(1)
-        prohibit = -torch.log1p(-log_p.exp().clamp_max(1 - 1e-6)).mean()
+        logits, rest = inner_model.forward_head(both).split(x.shape[0])
+        prohibit = _prohibition_term(rest, y)
     else:
         logits = model(x, labels=y)
-    ce = F.cross_entropy(logits, y)
+    ce = criterion(logits, y)
     l1 = l1_hinge(G, config.budget(*G.shape), config.p)
     inner = inner_product(G)
     loss = (config.lambda1 * ce + config.lambda2 * l1 + config.lambda3 * inner
@@ -168,3 +178,13 @@ def erm_loss(
     terms = {"ce": ce.detach(), "l1": l1.detach(), "inner": inner.detach(),
              "prohibit": prohibit.detach(), "logits": logits.detach()}
     return loss, terms
+
+
+def _prohibition_term(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``-log(1 - p_y)`` of the logits read from the channels outside the sample's mask:
+    the class must not survive its prohibition. Soft targets weight it per class."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    gone = -torch.log1p(-log_p.exp().clamp_max(1 - 1e-6))  # (N, C): -log(1 - p_c)
+    if y.is_floating_point():
+        return (gone * y.float()).sum(dim=1).mean()
+    return gone.gather(1, y[:, None]).mean()

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,17 @@ def std_accuracy(model: nn.Module, loader: DataLoader, accelerator=None) -> floa
     return float(correct) / max(total, 1)
 
 
+def _split_compiled(model: Any) -> tuple[ERMModel, nn.Module | None]:
+    """``(attached model, its torch.compile wrapper or None)``; anything else is refused."""
+    compiled = None
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        compiled, model = model, model._orig_mod
+    if not isinstance(model, ERMModel):
+        raise TypeError("train() takes a model returned by erm_surgery.attach() (or "
+                        f"torch.compile of one), got {type(model).__name__}")
+    return model, compiled
+
+
 class ERMTrainer:
     """Algorithm 1 on Accelerate. See :func:`train` for the arguments."""
 
@@ -231,10 +242,14 @@ class ERMTrainer:
         num_workers: int = 0,
         callbacks: Sequence[Any] = (),
         channels_last: bool = False,
+        mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
-        if not isinstance(model, ERMModel):
-            raise TypeError("train() takes a model returned by erm_surgery.attach(), got "
-                            f"{type(model).__name__}")
+        model, compiled = _split_compiled(model)
+        if compile and compiled is None:
+            compiled = torch.compile(model, **(compile if isinstance(compile, dict) else {}))
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         if scheduler is not None and optimizer is None:
@@ -247,6 +262,9 @@ class ERMTrainer:
         # labels, emptiness, one-sample batches: refused before anything is changed
         self._check_first_batch = check_training_data(model, train_data, val_data)
         self.model = model
+        # timm's Mixup / CutMix: (x, y) -> (mixed x, soft targets), on every training batch
+        self.mixup = mixup
+        self.criterion = criterion or F.cross_entropy
         self.config = config or ERMConfig()
         self.epochs = epochs
         self.seed = seed
@@ -297,7 +315,8 @@ class ERMTrainer:
 
         acc = self.accelerator
         (self.wrapped, self.optimizer, self.g_optimizer, self.train_loader,
-         self.scheduler) = acc.prepare(model, optimizer, g_optimizer, train_loader, scheduler)
+         self.scheduler) = acc.prepare(compiled if compiled is not None else model, optimizer,
+                                       g_optimizer, train_loader, scheduler)
         self.val_loader = acc.prepare(val_loader) if val_loader is not None else None
         self.history: list[EpochStats] = []
         self.start_epoch = 0
@@ -324,7 +343,7 @@ class ERMTrainer:
                     shutil.rmtree(old_tmp, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
             try:
-                save(acc.unwrap_model(self.wrapped), tmp / _MODEL_FILE)
+                save(self.model, tmp / _MODEL_FILE)
                 state = {
                     "epoch": len(self.history),
                     "optimizer": self.optimizer.state_dict(),
@@ -360,7 +379,7 @@ class ERMTrainer:
                                   f"{_MODEL_FILE} and {_STATE_FILE})")
         state = torch.load(path / _STATE_FILE, weights_only=True, map_location="cpu")
         tensors = load_file(str(path / _MODEL_FILE))
-        model = self.accelerator.unwrap_model(self.wrapped)
+        model = self.model
         self._check_resume(path, state, tensors, model)  # before anything is loaded
         model.model.load_state_dict({k[6:]: v for k, v in tensors.items()
                                      if k.startswith("model.")})
@@ -428,7 +447,7 @@ class ERMTrainer:
         acc, cfg = self.accelerator, self.config
         erm_path = is_erm_epoch(epoch, cfg)
         model = self.wrapped
-        mask = acc.unwrap_model(model).erm
+        mask = self.model.erm
         # DDP needs every parameter in every backward; on STD epochs G gets a zero gradient
         distributed = acc.num_processes > 1
         model.train()
@@ -442,13 +461,16 @@ class ERMTrainer:
                 self._check_first_batch = False
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
             with acc.accumulate(model):
                 if erm_path:
-                    loss, terms = erm_loss(model, x, y, cfg, return_terms=True)
+                    loss, terms = erm_loss(model, x, y, cfg, criterion=self.criterion,
+                                           return_terms=True)
                     logits = terms["logits"]
                 else:
                     logits = model(x)
-                    loss = F.cross_entropy(logits, y)
+                    loss = self.criterion(logits, y)
                     if distributed:
                         loss = loss + 0.0 * mask.G.sum()
                 acc.backward(loss)
@@ -463,8 +485,9 @@ class ERMTrainer:
                 if erm_path and acc.sync_gradients:
                     mask.project_(cfg.projection)
             n = y.shape[0]
+            hard = y.argmax(dim=1) if y.is_floating_point() else y  # soft targets: top class
             sums += torch.stack([loss.detach().float() * n,
-                                 (logits.argmax(dim=1) == y).sum().float(),
+                                 (logits.argmax(dim=1) == hard).sum().float(),
                                  torch.tensor(float(n), device=sums.device)])
             self._watch.update(loss)  # host look every CHECK_FINITE_EVERY batches
             if progress is not None:
@@ -483,7 +506,7 @@ class ERMTrainer:
         total = (self.epochs - self.start_epoch) * len(self.train_loader)
         progress = tqdm(total=total, disable=not (self.show_progress and acc.is_main_process),
                         desc="ERM training", unit="batch", dynamic_ncols=True)
-        model = acc.unwrap_model(self.wrapped)
+        model = self.model
         try:
             for epoch in range(self.start_epoch, self.epochs):
                 path = "erm" if is_erm_epoch(epoch, self.config) else "std"
@@ -554,6 +577,10 @@ def train(
     num_workers: int = 0,
     callbacks: Sequence[Any] = (),
     channels_last: bool = False,
+    mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    compile: bool | dict[str, Any] = False,
 ) -> TrainResult:
     """Train an attached model with ERM alternate training; returns a :class:`TrainResult`.
 
@@ -585,6 +612,14 @@ def train(
         callbacks: objects with optional ``on_before_step(trainer, x, y)`` /
             ``on_after_step(trainer, x, y)``, called around every optimizer step.
         channels_last: NHWC weights and inputs, for GPUs with AMP.
+        mixup: ``mixup(x, y) -> (x, y_soft)`` applied to every training batch, e.g. timm's
+            ``Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=C)``; the ERM path then
+            masks each image with the label-weighted mix of its classes' rows of ``G``.
+        criterion: ``criterion(logits, y)`` of both paths (default ``F.cross_entropy``, which
+            takes class ids and soft targets); e.g. timm's ``SoftTargetCrossEntropy``.
+        compile: ``torch.compile`` the model for the run (``True``, or a dict of
+            ``torch.compile`` keyword arguments such as ``{"backend": "aot_eager"}``). A model
+            compiled by the caller (``torch.compile(attached)``) is accepted as it is.
 
     The call leaves the caller's process as it was: the global torch / numpy / ``random``
     generators are forked (the run is seeded from ``seed`` alone), and the gradient-
@@ -612,8 +647,9 @@ def train(
                              seed=seed, output_dir=output_dir,
                              checkpoint_every=checkpoint_every, show_progress=show_progress,
                              num_workers=num_workers, callbacks=callbacks,
-                             channels_last=channels_last)
+                             channels_last=channels_last, mixup=mixup, criterion=criterion,
+                             compile=compile)
         result = trainer.fit(resume_from=resume_from)
     # a reference for unlearn(model, classes): outside the module registry, shared by deepcopy
-    model.__dict__["training_data"] = TrainingData(train_data)
+    trainer.model.__dict__["training_data"] = TrainingData(train_data)
     return result

@@ -25,7 +25,7 @@ from ..surgery import ERMModel, find_classifier, num_classes_of, unwrap
 
 __all__ = ["MethodInfo", "Request", "parse_request", "check_forget_classes",
            "mark_forgotten", "frozen_mask", "reinitialised", "seeded_rng", "device_name",
-           "classifier_of", "labels_of", "split_data"]
+           "classifier_of", "labels_of", "split_data", "check_separation"]
 
 
 @dataclass(kw_only=True)
@@ -221,6 +221,49 @@ def reinitialised(model: nn.Module, seed: int) -> tuple[nn.Module, list[str]]:
     same = [name for name, p in unwrap(fresh).named_parameters()
             if p.numel() and torch.equal(p, theirs[name])]
     return fresh, same
+
+
+def check_separation(G: torch.Tensor, forget: Iterable[int], threshold: float = 0.0,
+                     forgotten: Iterable[int] = ()) -> torch.Tensor:
+    """The channels a request on ``G`` keeps (``(K,)`` bool), after refusing a ``G`` that
+    has not separated the classes, before any work.
+
+    Prohibiting the forget classes' channels (``G[c] > threshold``) must leave channels to
+    distil (an untrained ``G``, all 0.5, or an EMA average of one, every entry a little
+    above 0, covers every channel) and must leave every retain class at least one of the
+    channels it uses (else the student cannot represent that class: the CLI's 6-epoch
+    ResNet lost 100% of every retain class's channels and kept 11% retain accuracy).
+
+    Raises:
+        UnlearningError: with the reason and the fix.
+    """
+    forget = list(forget)
+    skip = set(forget) | set(forgotten)
+    used = G.detach() > threshold
+    keep = ~used[forget].any(dim=0)
+    fix = ("Train with ERM until the classes separate (train() ends with an ERM health line: "
+           "prohibited-class accuracy near 0 and a density well below 1), or, for an EMA / "
+           "averaged copy, take G from the trained model (ema.erm.load_state_dict("
+           "model.erm.state_dict())) or raise threshold= above the averaging noise")
+    if not bool(keep.any()):
+        state = ("it has never been trained (every entry is "
+                 f"{float(G.flatten()[0]):g})" if bool((G == G.flatten()[0]).all())
+                 else f"{int(used.any(dim=0).sum())} of {G.shape[1]} channels are in use")
+        raise UnlearningError(
+            f"G has not separated the classes: the channels of classes {forget} (G > "
+            f"{threshold:g}) cover all {G.shape[1]} channels, so prohibiting them leaves "
+            f"nothing to distil ({state}). {fix}. Nothing was changed")
+    starved = [r for r in range(G.shape[0])
+               if r not in skip and bool(used[r].any()) and not bool((used[r] & keep).any())]
+    if starved:
+        names = ", ".join(map(str, starved[:5])) + (
+            f" and {len(starved) - 5} more" if len(starved) > 5 else "")
+        raise UnlearningError(
+            f"G has not separated the classes: prohibiting the channels of classes {forget} "
+            f"removes every channel that class(es) {names} use ({len(starved)} of "
+            f"{G.shape[0] - len(skip)} retain classes), so the student could not represent "
+            f"them. {fix}. Nothing was changed")
+    return keep
 
 
 def device_name(device: torch.device | str) -> str:
