@@ -6,7 +6,8 @@ GKT; FKT's head surgery is :mod:`.fkt`, the settings :mod:`.config`):
 - **CKT**: a re-initialised copy of the architecture is trained so that its feature map
   matches the teacher's map times ``Gbar`` (the channels no forget class uses), MSE on the
   map plus MSE on the pooled vector. The teacher runs in eval mode without grad; its
-  masked maps are computed once and cached when the data is deterministic.
+  masked maps are computed once and cached when the data is deterministic, as many as fit
+  ``cache_bytes`` (:mod:`.cache`; the rest are recomputed in their batch).
 - **FKT**: the teacher's head is copied; its inputs from prohibited channels are zeroed,
   and the forget classes' rows are zeroed with a bias of ``forget_bias``, so their logit is
   a constant far below any retained logit.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -41,7 +42,8 @@ from ...surgery import ERMModel, attach
 from ...training.checks import NonFiniteWatch
 from ...training.optim import cosine_schedule
 from ...unlearning.registry import register_method
-from ...unlearning.request import parse_request, reinitialised, seeded_rng
+from ...unlearning.request import check_separation, parse_request, reinitialised, seeded_rng
+from .cache import CACHE_DTYPES, TeacherCache, rank_shard, split_budget
 from .config import KTPConfig, KTPInfo
 from .fkt import head_layers, transfer_head
 
@@ -185,6 +187,8 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
             "value per channel in a training batch; pass more data of the classes to keep")
 
     G = teacher.erm.G.detach()
+    # refuses an untrained / EMA-averaged G before any work (issue 14)
+    check_separation(G, forget, config.threshold, teacher.erm.forgotten_classes)
     keep = teacher.erm.keep_mask(forget, config.threshold)
     per_forget, lost = _entanglement(G, forget, keep, config.threshold,
                                      teacher.erm.forgotten_classes)
@@ -239,45 +243,53 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     for p in s.parameters():  # a fresh student trains all its weights, whatever the
         p.requires_grad_(id(p) not in frozen_ids)  # teacher's (a frozen backbone) had
     params = [p for p in s.model.parameters() if p.requires_grad]
-    opt = config.build_optimizer(params)
-    loader = shuffled_loader(_Indexed(distill_set), config.batch_size, seed=config.seed,
+    # Several processes: each rank keeps one shard of the data for the whole run (instead
+    # of Accelerate's per-epoch split), so it can cache the teacher maps of that shard
+    sharded = acc.num_processes > 1
+    positions = (rank_shard(len(distill_set), acc.num_processes, acc.process_index,
+                            config.seed) if sharded else list(range(len(distill_set))))
+    batch_size, lr = config.batch_for(len(positions))
+    opt = replace(config, lr=lr).build_optimizer(params)
+    indexed = _Indexed(distill_set)
+    loader = shuffled_loader(Subset(indexed, positions) if sharded else indexed,
+                             batch_size, seed=config.seed + acc.process_index,
                              num_workers=config.num_workers)
-    total = max(1, len(loader) * config.epochs)
+    # a prepared scheduler steps once per process per step (Accelerate's convention for a
+    # loader it splits); our shard loader is already one process's part
+    total = max(1, len(loader) * config.epochs * (acc.num_processes if sharded else 1))
     sched = cosine_schedule(opt, total)
 
-    cache = config.cache_teacher
-    if cache is None:
-        cache = acc.num_processes == 1 and _deterministic(dataset)
-    targets: torch.Tensor | None = None
-    bar_total = total + (math.ceil(len(distill_set) / (2 * config.batch_size)) if cache else 0)
-    progress = tqdm(total=bar_total, desc="KTP", unit="batch", dynamic_ncols=True,
+    cache_on = config.cache_teacher
+    if cache_on is None:
+        cache_on = _deterministic(dataset)
+    budget = split_budget(config.cache_bytes, device) if cache_on else (0, 0)
+    pass_batch = 2 * batch_size
+    progress = tqdm(total=max(1, len(loader) * config.epochs)
+                    + (math.ceil(len(positions) / pass_batch) if cache_on else 0),
+                    desc="KTP teacher pass", unit="batch", dynamic_ncols=True,
                     disable=not (config.show_progress and acc.is_main_process))
-    with torch.no_grad():
-        if cache:  # one teacher pass, in dataset order
-            progress.set_description("KTP teacher pass")
-            parts = []
-            for x, _ in DataLoader(distill_set, batch_size=2 * config.batch_size,
-                                   num_workers=config.num_workers):
-                parts.append(teacher.forward_features(x.to(device)) * keep_map)
-                progress.update(1)
-            targets = torch.cat(parts)
+    teacher_maps = TeacherCache(teacher, keep_map, distill_set, positions, device, budget,
+                                dtype=CACHE_DTYPES[config.cache_dtype],
+                                batch_size=pass_batch, num_workers=config.num_workers,
+                                progress=progress)
 
     if config.channels_last:
         s.to(memory_format=torch.channels_last)
-    wrapped, opt, loader, sched = acc.prepare(s, opt, loader, sched)
+    if sharded:  # the loader is this rank's already: Accelerate must not split it again
+        wrapped, opt, sched = acc.prepare(s, opt, sched)
+    else:
+        wrapped, opt, loader, sched = acc.prepare(s, opt, loader, sched)
     last = torch.zeros((), device=device)
+    steps = 0
     watch = NonFiniteWatch(device, "KTP distillation", UnlearningError, acc)
     progress.set_description("KTP distillation")
     for epoch in range(config.epochs):
         watch.start(epoch)
         for x, i in loader:
+            x = x.to(device)  # a prepared loader has moved it already; a shard's has not
             if config.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if targets is not None:
-                target = targets[i.to(targets.device)]
-            else:
-                with torch.no_grad():
-                    target = teacher.forward_features(x) * keep_map
+            target = teacher_maps.targets(x, i)
             if head_terms:  # features and logits from one pass, through DDP's forward
                 out, logits = wrapped(x, return_features="both")
             else:
@@ -303,6 +315,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
             sched.step()
             opt.zero_grad(set_to_none=True)
             last = distill.detach()
+            steps += 1
             watch.update(loss)  # host look every CHECK_FINITE_EVERY batches
             progress.update(1)
         watch.check()
@@ -323,6 +336,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         channels_per_forget_class=per_forget, retain_channels_lost=lost,
         distill_on=config.distill_on, epochs=config.epochs, samples=len(distill_set),
         final_mse=float(last),
+        batch_size=batch_size, lr=lr, steps=steps, cached_samples=teacher_maps.cached,
+        cache_bytes=teacher_maps.nbytes,
+        streamed_batches=teacher_maps.streamed_batches,
         not_reinitialised=same,
         config={k: v for k, v in asdict(config).items()
                 if k not in ("show_progress", "num_workers")})

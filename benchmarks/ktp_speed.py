@@ -1,0 +1,184 @@
+"""A KTP epoch against a training epoch: seconds, ratio, peak memory, retain accuracy.
+
+For each model: ERM-train a teacher on MNIST-5k (4,000 train / 1,000 test digits at
+32x32), then, on the same retain data (all classes but the forget set):
+
+- a training epoch: plain supervised training of a fresh copy of the model at
+  :func:`erm_surgery.train`'s batch 128 (``--train-epochs`` epochs, seconds / epoch);
+- a KTP epoch: ``ktp`` with each KTP recipe below, its total time (teacher pass, cache,
+  distillation) divided by its epochs, so the teacher pass is amortised.
+
+Seconds are this process's CPU seconds (``time.process_time``: robust when other jobs
+share the machine; run with ``OMP_NUM_THREADS=1`` so that CPU time is compute time) and
+wall seconds. Peak memory: the process's resident set (psutil, sampled every 5 ms) during
+the call, and its rise over the resident set before it; on CUDA, ``max_memory_allocated``.
+
+    OMP_NUM_THREADS=1 python benchmarks/ktp_speed.py --models test_resnet,resnet18
+
+Writes benchmarks/results/ktp_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import threading
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+from unlearn_vs_retrain import STD_ONLY, Clock, fresh  # sibling script
+
+import erm_surgery
+from erm_surgery.data import load_mnist5k
+from erm_surgery.evaluation import evaluate
+from erm_surgery.methods.ktp import KTPConfig, ktp
+from erm_surgery.training import ERMConfig
+
+RESULTS = Path(__file__).parent / "results"
+#: KTP before issue 18: batch 32 whatever the data, lr 0.005
+OLD = KTPConfig(batch_size=32, max_batch_size=32, lr=0.005, show_progress=False)
+RECIPES = {"before (batch 32)": OLD, "default": KTPConfig(show_progress=False)}
+
+
+class Peak:
+    """Peak resident set size of this process during a block (a sampling thread), and
+    the CUDA peak when a GPU is used."""
+
+    def __enter__(self) -> Peak:
+        import psutil
+
+        gc.collect()
+        self._proc = psutil.Process()
+        self.before = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.cuda = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                     else None)
+
+    def record(self) -> dict:
+        mib = 1 << 20
+        return {"rss_peak_mib": self.peak / mib, "rss_rise_mib": (self.peak - self.before)
+                / mib, "cuda_peak_mib": None if self.cuda is None else self.cuda / mib}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="test_resnet,resnet18,resnet50")
+    parser.add_argument("--epochs", default="test_resnet=16,resnet18=8,resnet50=4",
+                        help="teacher ERM epochs per model (model=epochs, ','-separated)")
+    parser.add_argument("--train-epochs", type=int, default=2,
+                        help="epochs of the timed training run")
+    parser.add_argument("--forget", default="3")
+    parser.add_argument("--recipes", default="",
+                        help="';'-separated substrings of RECIPES names (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="ktp_speed", help="result file stem")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    teacher_epochs = {k: int(v) for k, v in (p.split("=") for p in args.epochs.split(","))}
+    forget = [int(c) for c in args.forget.split(",")]
+    wanted = [w for w in args.recipes.split(";") if w]
+    recipes = {k: v for k, v in RECIPES.items() if not wanted or any(w in k for w in wanted)}
+    train_set, test_set = load_mnist5k()
+    labels = train_set.tensors[1]
+    retain = Subset(train_set, [i for i, y in enumerate(labels.tolist()) if y not in forget])
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for name in args.models.split(","):
+        epochs = teacher_epochs.get(name, 4)
+        teacher = fresh(name, args.seed)
+        with Clock() as clock:
+            erm_surgery.train(teacher, train_set, epochs=epochs, config=ERMConfig(),
+                              seed=args.seed, show_progress=False)
+        erm_epoch = clock.cpu / epochs
+        plain = fresh(name, args.seed + 1)
+        with Clock() as clock, Peak() as peak, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "classes [3] have no samples": on purpose
+            erm_surgery.train(plain, retain, epochs=args.train_epochs, config=STD_ONLY,
+                              seed=args.seed, show_progress=False)
+        train_row = {"cpu_s_per_epoch": clock.cpu / args.train_epochs,
+                     "wall_s_per_epoch": clock.wall / args.train_epochs, **peak.record()}
+        del plain
+        print(json.dumps({"model": name, "train": train_row}), flush=True)
+        for label, recipe in recipes.items():
+            config = replace(recipe, seed=args.seed)
+            with warnings.catch_warnings():  # entanglement warnings: expected here
+                warnings.simplefilter("ignore")
+                with Clock() as clock, Peak() as peak:
+                    student, info = ktp(teacher, forget, train_set, config=config)
+            report = evaluate(student, forget, train_set, test_set, original=teacher,
+                              metrics=("accuracy",))
+            acc = report.accuracy
+            row = {"model": name, "teacher_epochs": epochs, "recipe": label,
+                   "batch_size": info.batch_size, "lr": info.lr,
+                   "ktp_epochs": info.epochs, "samples": info.samples,
+                   "steps": info.steps, "cached_samples": info.cached_samples,
+                   "cache_mib": info.cache_bytes / (1 << 20),
+                   "erm_train_cpu_s_per_epoch": erm_epoch,
+                   "train": train_row,
+                   "ktp_cpu_s_per_epoch": clock.cpu / info.epochs,
+                   "ktp_wall_s_per_epoch": clock.wall / info.epochs,
+                   "ratio_cpu": clock.cpu / info.epochs / train_row["cpu_s_per_epoch"],
+                   "ratio_wall": clock.wall / info.epochs / train_row["wall_s_per_epoch"],
+                   "ktp_memory": peak.record(),
+                   "retain_acc_test": acc["model"].retain_test,
+                   "teacher_retain_acc_test": acc["original"].retain_test,
+                   "forget_acc_test": acc["model"].forget_test}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del student
+        del teacher
+
+    setting = (f"MNIST-5k {len(train_set)} train / {len(test_set)} test at 32x32, forget "
+               f"{forget} ({len(retain)} retain samples), CPU {args.threads} thread(s), "
+               f"torch {torch.__version__}, seed {args.seed}")
+    (args.out / f"{args.name}.json").write_text(json.dumps(
+        {"setting": setting, "recipes": {k: v.__dict__ for k, v in recipes.items()},
+         "rows": rows}, indent=2))
+    md = ["# A KTP epoch against a training epoch", "",
+          f"`OMP_NUM_THREADS={args.threads} python benchmarks/ktp_speed.py --models "
+          f"{args.models} --threads {args.threads}` ({setting}).", "",
+          "Training epoch: plain supervised training of the same model on the same retain "
+          "data, batch 128. KTP epoch: the whole `ktp` call (teacher pass included) / its "
+          "epochs. CPU seconds of this process; ratio = KTP / training (wall ratio in "
+          "brackets). Memory: peak resident set during the call and its rise over the "
+          "set before it, MiB.", "",
+          "| model | recipe | batch | steps | train s/epoch | KTP s/epoch | ratio | "
+          "train RSS peak (rise) | KTP RSS peak (rise) | cache MiB | retain acc "
+          "(teacher) |",
+          "| --- " * 11 + "|"]
+    for r in rows:
+        t, m = r["train"], r["ktp_memory"]
+        md.append(
+            f"| {r['model']} | {r['recipe']} | {r['batch_size']} | {r['steps']} | "
+            f"{t['cpu_s_per_epoch']:.1f} | {r['ktp_cpu_s_per_epoch']:.1f} | "
+            f"{r['ratio_cpu']:.2f} ({r['ratio_wall']:.2f}) | "
+            f"{t['rss_peak_mib']:.0f} ({t['rss_rise_mib']:+.0f}) | "
+            f"{m['rss_peak_mib']:.0f} ({m['rss_rise_mib']:+.0f}) | {r['cache_mib']:.1f} | "
+            f"{r['retain_acc_test']:.3f} ({r['teacher_retain_acc_test']:.3f}) |")
+    (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

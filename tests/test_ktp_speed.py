@@ -1,0 +1,137 @@
+"""KTP's bounded teacher cache, its per-rank shards and its batch policy (issue 18)."""
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from erm_surgery.methods.ktp import KTPConfig, ktp
+from erm_surgery.methods.ktp.cache import rank_shard
+
+# a few steps on a slice of the session teacher's digits: enough to tell students apart
+SMALL = dict(show_progress=False, epochs=1, batch_size=32, seed=3)
+
+
+def _data(teacher, n=320):
+    return Subset(teacher.train, list(range(n)))
+
+
+def _run(teacher, **fields):
+    return ktp(teacher.model, [3], _data(teacher), config=KTPConfig(**{**SMALL, **fields}))
+
+
+def _same_weights(a, b, atol):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if sa[key].is_floating_point():
+            assert torch.allclose(sa[key], sb[key], atol=atol), key
+        else:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def test_a_tiny_cache_budget_streams_the_rest_and_trains_the_same_student(mnist_teacher):
+    full, full_info = _run(mnist_teacher)
+    samples = full_info.samples
+    assert full_info.cached_samples == samples and full_info.streamed_batches == 0
+    per_sample = full_info.cache_bytes // samples
+    budget = 40 * per_sample + per_sample // 2  # room for 40 maps, not 41
+    part, info = _run(mnist_teacher, cache_bytes=budget)
+    assert info.cached_samples == 40 and info.cache_bytes == 40 * per_sample
+    # 40 of ~290 cached samples cannot fill a shuffled batch of 32: every batch streams
+    batches = samples // SMALL["batch_size"]
+    assert info.streamed_batches == batches
+    _same_weights(full, part, atol=1e-4)
+    assert abs(info.final_mse - full_info.final_mse) < 1e-4
+
+
+def test_no_cache_recomputes_every_batch_and_matches_the_cached_run(mnist_teacher):
+    full, _ = _run(mnist_teacher)
+    none, info = _run(mnist_teacher, cache_bytes=0)
+    assert (info.cached_samples, info.cache_bytes) == (0, 0)
+    assert info.streamed_batches == info.samples // SMALL["batch_size"]
+    _same_weights(full, none, atol=1e-4)
+
+
+def test_a_half_precision_cache_takes_half_the_bytes(mnist_teacher):
+    full, full_info = _run(mnist_teacher)
+    half, info = _run(mnist_teacher, cache_dtype="bfloat16")
+    assert info.cache_bytes * 2 == full_info.cache_bytes
+    assert info.cached_samples == full_info.cached_samples
+    # rounded targets: a close student, not the same one
+    diffs = [(a - b).abs().max() for a, b in zip(full.parameters(), half.parameters(), strict=True)]
+    assert max(diffs) > 0
+    assert abs(info.final_mse - full_info.final_mse) < 0.05 * full_info.final_mse + 1e-3
+
+
+@pytest.mark.parametrize("n,procs", [(10, 3), (101, 2), (4, 4)])
+def test_rank_shards_are_equal_disjoint_and_fixed_by_the_seed(n, procs):
+    shards = [rank_shard(n, procs, r, seed=5) for r in range(procs)]
+    assert {len(s) for s in shards} == {n // procs}  # same step count on every rank
+    flat = [p for s in shards for p in s]
+    assert len(set(flat)) == len(flat) and all(0 <= p < n for p in flat)
+    assert shards == [rank_shard(n, procs, r, seed=5) for r in range(procs)]
+    assert shards != [rank_shard(n, procs, r, seed=6) for r in range(procs)]
+
+
+@pytest.mark.parametrize("fields,word", [(dict(cache_bytes=-1), "cache_bytes"),
+                                         (dict(cache_dtype="int8"), "cache_dtype")])
+def test_bad_cache_settings_name_the_field(fields, word):
+    with pytest.raises(ValueError, match=word):
+        KTPConfig(**fields)
+
+
+class _Rank:
+    """One rank of a two-process run, without a process group: Accelerate's calls that KTP
+    makes, each doing what one process would."""
+
+    num_processes = 2
+    is_main_process = True
+    device = torch.device("cpu")
+
+    def __init__(self, index: int) -> None:
+        self.process_index = index
+
+    def prepare(self, *objects):
+        return objects
+
+    def backward(self, loss):
+        loss.backward()
+
+    def unwrap_model(self, model):
+        return model
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+
+def test_each_rank_caches_its_own_shard_and_streaming_it_changes_nothing(mnist_teacher):
+    def run(rank, **fields):
+        return ktp(mnist_teacher.model, [3], _data(mnist_teacher),
+                   config=KTPConfig(**{**SMALL, **fields}), accelerator=_Rank(rank))
+
+    s0, i0 = run(0)
+    shard = i0.samples // 2
+    assert i0.cached_samples == shard  # its half, not the whole data
+    assert i0.steps == shard // SMALL["batch_size"] and i0.streamed_batches == 0
+    s1, i1 = run(1)
+    assert i1.cached_samples == shard
+    # the other half of the data: another student
+    assert any(not torch.equal(a, b)
+               for a, b in zip(s0.parameters(), s1.parameters(), strict=True))
+    streamed, info = run(0, cache_bytes=0)  # the cache is an optimisation only
+    assert info.cached_samples == 0 and info.streamed_batches == i0.steps
+    _same_weights(s0, streamed, atol=1e-4)
+
+
+def test_the_batch_grows_with_the_data_and_keeps_enough_steps():
+    config = KTPConfig(batch_size=32, max_batch_size=128, min_steps=100, epochs=2, lr=0.004)
+    assert config.batch_for(1800) == (32, 0.004)  # 2 * 1800 // 64 = 56 steps: too few
+    batch, lr = config.batch_for(3600)
+    assert batch == 64 and lr == pytest.approx(0.004 * 2 ** 0.5)
+    assert config.batch_for(50_000)[0] == 128  # capped
+    for samples in (10, 1800, 3600, 7000, 50_000):  # whatever the data: enough steps
+        batch, _ = config.batch_for(samples)
+        assert batch == 32 or config.epochs * (samples // batch) >= config.min_steps
+    fixed = KTPConfig(batch_size=32, max_batch_size=32)
+    assert fixed.batch_for(50_000) == (32, fixed.lr)
+    assert KTPConfig.paper().batch_for(50_000)[0] == 32  # the reference recipe's batch
