@@ -118,6 +118,13 @@ def run_one(name, seed, args, overrides, train_set, test_set):
     kw = dict(epochs=args.epochs, config=config, seed=seed, show_progress=False,
               batch_size=args.batch_size, mixed_precision=args.mixed_precision,
               channels_last=args.channels_last)
+    if args.mixup:  # timm's Mixup/CutMix recipe on both runs (ERM and plain)
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        kw.update(mixup=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
+                              num_classes=10),
+                  criterion=SoftTargetCrossEntropy())
     start = time.perf_counter()
     trainer = TracedTrainer(model, train_set, trace_data=test_set if args.trace else None, **kw)
     trainer.fit()
@@ -145,7 +152,8 @@ def to_markdown(rows, commands, args, overrides) -> str:
         f"`{cmd}` (MNIST-5k, first N of 4000 train digits (see row), 1000 test, at "
         f"{args.size}x{args.size}, "
         f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} "
-        f"thread(s); ERMConfig overrides: {overrides or 'none (defaults)'}).", "",
+        f"thread(s); ERMConfig overrides: {overrides or 'none (defaults)'}"
+        f"{'; timm Mixup/CutMix + soft-target CE on both runs' if args.mixup else ''}).", "",
         "Prohibited = mean accuracy of a class's test samples with the channels of its row "
         "of G (G > 0) set to 0 (target <= 0.05); permitted = the other classes under the same "
         "mask.", "",
@@ -197,6 +205,8 @@ def main(argv=None) -> None:
     parser.add_argument("--trace", action="store_true", help="per-epoch diagnostics")
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--mixup", action="store_true",
+                        help="timm Mixup/CutMix (0.8/1.0, smoothing 0.1) + soft-target CE")
     parser.add_argument("--out", default="erm_architectures")
     parser.add_argument("--append", action="store_true",
                         help="add the rows to an existing <out>.json (one sweep in parts)")

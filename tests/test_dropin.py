@@ -160,3 +160,36 @@ def test_the_callers_accelerator_and_rng_are_left_alone():
     second = train(nets[1], data, seed=7).model  # still reproducible from seed
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:ERM prohibition is weak", "ignore:knowledge entanglement")
+def test_retrofit_a_plainly_trained_model():
+    """A trained plain network -> attach -> a short ERM fine-tune with
+    ``ERMConfig.retrofit()`` -> KTP: every fine-tune epoch is on the ERM path, the weights
+    are kept as a start, and G separates enough for KTP to run (benchmarks/retrofit.py
+    measures the quality)."""
+    from erm_surgery.data import load_mnist5k
+    from erm_surgery.training.prohibition import prohibition_accuracy
+
+    cfg = E.ERMConfig.retrofit(lambda4=0.5)
+    assert (cfg.warmup_epochs, cfg.erm_every, cfg.lambda4) == (0, 1, 0.5)
+    train_set, test_set = load_mnist5k()
+    train_set = TensorDataset(*(t[:600] for t in train_set.tensors))
+    test_set = TensorDataset(*(t[:300] for t in test_set.tensors))
+    plain = tiny_net()  # the user's model, trained their way (here: plain SGD, 2 epochs)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for x, y in torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True):
+            torch.nn.functional.cross_entropy(plain(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    model = E.attach(plain)
+    before = prohibition_accuracy(model, test_set)
+    result = E.train(model, train_set, epochs=3, lr=0.01, batch_size=64, show_progress=False,
+                     config=E.ERMConfig.retrofit())
+    assert [h.path for h in result.history] == ["erm"] * 3
+    after = prohibition_accuracy(model, test_set)
+    assert before.mean_prohibited > 0.09 and after.mean_prohibited < before.mean_prohibited
+    assert after.std_accuracy > before.std_accuracy - 0.05  # the trained weights were kept
+    student = E.unlearn(model, [3], **QUICK)
+    assert student.erm.forgotten_classes == [3]

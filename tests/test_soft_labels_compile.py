@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import separated
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import TensorDataset
@@ -141,3 +142,14 @@ def test_train_accepts_a_compiled_model_and_compile_true(monkeypatch):
     assert calls == [(model, {"mode": "reduce-overhead"})]
     with pytest.raises(TypeError, match="torch.compile of one"):
         E.train(torch.nn.Linear(2, 2), data, **kw)
+
+
+def test_unlearn_takes_a_compiled_teacher():
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 1, 32, 32, generator=g), torch.arange(40) % 5)
+    teacher = separated(tiny(), own=8)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    compiled = torch.compile(teacher, backend="aot_eager")
+    student = E.unlearn(compiled, [2], data, epochs=1, show_progress=False)
+    assert isinstance(student, E.ERMModel) and student.erm.forgotten_classes == [2]
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())

@@ -78,6 +78,20 @@ class ERMConfig:
         if self.lambda4 < 0:
             raise ValueError(f"lambda4 must be >= 0, got {self.lambda4}")
 
+    @classmethod
+    def retrofit(cls, **overrides: Any) -> ERMConfig:
+        """The config for an ERM fine-tune of an already-trained model (issue 14): every
+        epoch on the ERM path (``warmup_epochs=0, erm_every=1``), since the weights need no
+        warm-up and the STD epochs only re-spread a class over every channel. Use it with a
+        smaller ``lr`` than training from scratch (e.g. 0.01)::
+
+            model = erm_surgery.attach(trained_model)
+            erm_surgery.train(model, data, epochs=4, lr=0.01, config=ERMConfig.retrofit())
+
+        Measured in benchmarks/results/retrofit.md.
+        """
+        return cls(**{"warmup_epochs": 0, "erm_every": 1, **overrides})
+
     def budget(self, num_classes: int, num_channels: int) -> float:
         """``alpha``: the L1 budget of the whole ``G``."""
         if self.alpha is not None:

@@ -154,6 +154,8 @@ def register_method(name: str, *, config: type, info: type = MethodInfo,
                     f"unknown option(s) {unknown} for method {name!r}; accepted: the fields "
                     f"of {spec.config_cls.__name__} {sorted(fields)}"
                     + (f" and the method's own arguments {sorted(accepted)}" if accepted else ""))
+            # a torch.compile wrapper: the method works on (and never modifies) the model
+            model = getattr(model, "_orig_mod", model)
             cfg = spec.make_config(config, model, **overrides)
             data = remembered_data(model) if data is None else data
             from ..training.trainer import caller_state_kept
@@ -236,7 +238,9 @@ def unlearn(
         **overrides: fields of the method's config (``unlearn(m, [3], d, epochs=1)``), or
             the method's own extra arguments (KTP: ``student=``; retrain: ``fresh_model=``).
 
-    The returned model is attached (for every method but ``sisa``), so it can be trained
+    A model compiled with ``torch.compile`` is unlearned through its original module (the
+    returned model is not compiled: compile it again if you want). The returned model is
+    attached (for every method but ``sisa``), so it can be trained
     or asked to forget again: ``unlearn(unlearn(m, [1], d), [2], d)`` forgets both.
     ``student.unlearning_info`` holds the method's info (a :class:`MethodInfo`). The
     gradient-accumulation setting Accelerate shares between accelerators is restored, so
