@@ -23,6 +23,7 @@ __all__ = [
     "make_loader",
     "shuffled_loader",
     "load_mnist5k",
+    "load_two_digit_mnist",
     "load_digits8x8",
     "check_class_ids",
     "check_labels",
@@ -277,6 +278,39 @@ def load_mnist5k(
     x = _to_image_tensor(torch.tensor(images), 28, size)
     y = torch.tensor(labels, dtype=torch.long)
     return _split(x, y, n_train, seed)
+
+
+def load_two_digit_mnist(
+    per_class_train: int = 40, per_class_test: int = 10, size: int = 32, seed: int = 0
+) -> tuple[TensorDataset, TensorDataset]:
+    """100 classes of real digits: the numbers 00-99, each image two MNIST-5k digits side by
+    side (class ``10 * left + right``), as (train, test) datasets.
+
+    Train pairs are drawn from :func:`load_mnist5k`'s train digits and test pairs from its
+    test digits (so no test image shares a digit image with training), ``per_class_*``
+    pairs per class, with a fixed ``seed``. Images are 1 x ``size`` x ``2 * size`` in
+    [-1, 1]. Classes that share a digit (12, 13, 42) share parts: where ERM's class-channel
+    separation is hardest.
+    """
+    if per_class_train < 1 or per_class_test < 1:
+        raise ValueError(f"per_class_train and per_class_test must be >= 1, got "
+                         f"{per_class_train} and {per_class_test}")
+    train_digits, test_digits = load_mnist5k(size=size, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def pairs(digits: TensorDataset, per_class: int) -> TensorDataset:
+        x, y = digits.tensors
+        by_digit = [torch.nonzero(y == d).flatten() for d in range(10)]
+        images, labels = [], []
+        for number in range(100):
+            left, right = by_digit[number // 10], by_digit[number % 10]
+            i = left[torch.randint(len(left), (per_class,), generator=g)]
+            j = right[torch.randint(len(right), (per_class,), generator=g)]
+            images.append(torch.cat([x[i], x[j]], dim=3))  # side by side: width 2 * size
+            labels.append(torch.full((per_class,), number, dtype=torch.long))
+        return TensorDataset(torch.cat(images), torch.cat(labels))
+
+    return pairs(train_digits, per_class_train), pairs(test_digits, per_class_test)
 
 
 def load_digits8x8(

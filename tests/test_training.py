@@ -274,3 +274,28 @@ def test_make_optimizer_fuses_where_pytorch_can_and_falls_back_where_it_cannot()
         fused.step()
     for a, b in zip(params, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_two_digit_mnist_has_100_real_classes():
+    from erm_surgery.data import load_mnist5k, load_two_digit_mnist
+
+    train_set, test_set = load_two_digit_mnist(per_class_train=3, per_class_test=2, size=16)
+    x, y = train_set.tensors
+    assert x.shape == (300, 1, 16, 32) and test_set.tensors[0].shape == (200, 1, 16, 32)
+    assert torch.equal(torch.bincount(y, minlength=100), torch.full((100,), 3))
+    digits_train, digits_test = load_mnist5k(size=16)
+    # class 10a + b: the left half is a train image of digit a, the right one of digit b
+    for k in (0, 125, 299):
+        left, right = x[k, :, :, :16], x[k, :, :, 16:]
+        a, b = divmod(int(y[k]), 10)
+        for half, digit in ((left, a), (right, b)):
+            match = (digits_train.tensors[0] == half).flatten(1).all(1)
+            assert match.any() and (digits_train.tensors[1][match] == digit).all()
+    # test pairs come from the test digits only
+    half = test_set.tensors[0][0, :, :, :16]
+    assert (digits_test.tensors[0] == half).flatten(1).all(1).any()
+    assert not (digits_train.tensors[0] == half).flatten(1).all(1).any()
+    again = load_two_digit_mnist(per_class_train=3, per_class_test=2, size=16)
+    assert torch.equal(again[0].tensors[0], x)  # a fixed seed
+    with pytest.raises(ValueError, match="per_class_train"):
+        load_two_digit_mnist(per_class_train=0)
