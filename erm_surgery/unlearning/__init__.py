@@ -16,8 +16,8 @@ from .registry import (
     resolve_config,
     unlearn,
 )
-from .request import MethodInfo, Request, check_forget_classes, parse_request
+from .request import MethodInfo, Request, check_forget_classes, check_separation, parse_request
 
 __all__ = ["unlearn", "unlearn_checkpoint", "record_unlearning", "register_method",
            "get_method", "available_methods", "MethodSpec", "resolve_config", "MethodInfo",
-           "Request", "parse_request", "check_forget_classes"]
+           "Request", "parse_request", "check_forget_classes", "check_separation"]
