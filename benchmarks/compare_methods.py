@@ -280,7 +280,9 @@ def main() -> None:
                + (" --quick" if args.quick else "")
                + (f" --epochs {args.epochs}" if args.epochs != (4 if args.quick else 12)
                   else "")
-               + (f" --forget {args.forget}" if args.forget != "4,9" else ""))
+               + (f" --forget {args.forget}" if args.forget != "4,9" else "")
+               + (f" --methods {args.methods}" if args.methods else "")
+               + (f" --out {args.out}" if args.out != RESULTS else ""))
 
     train_set, test_set = load_mnist5k()
     if args.quick:
