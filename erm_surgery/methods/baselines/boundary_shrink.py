@@ -9,7 +9,8 @@ whose region is nearest, and the student is fine-tuned to predict it on ``x``. T
 decision boundary of the forgotten class shrinks onto its neighbours; no retain data is
 used.
 
-As in the authors' code (kept in the SalUn repository, ``boundary_sh.py``): one FGSM step
+As in the authors' code (a Dropbox archive; read through copies of it in public
+repositories and the SalUn repository's version, ``boundary_sh.py``): one FGSM step
 with ``bound = 0.1``, the neighbour's label is taken from the original model (a frozen
 copy in eval mode) and recomputed for every minibatch, the student trains on forget
 minibatches only, in train mode, with SGD and momentum 0.9 (their learning rate 1e-5 for

@@ -6,7 +6,7 @@ Weight Saliency in Both Image Classification and Generation", ICLR 2024. Two ste
 1. **Saliency**: the gradient of the forget loss, summed over the forget set, in eval
    mode; a weight is *salient* when its ``|gradient|`` is among the top ``saliency_ratio``
    of all trainable weights (one global ranking across layers, as the authors' mask
-   script does; their class-wise runs use the 50% mask).
+   script does; the example run of their README uses the 50% mask).
 2. **Random labels on the salient weights**: fine-tune on the forget samples with random
    labels and on the retain samples with their own; the gradient of every other weight is
    zeroed and, after each optimiser step, those weights are put back to their starting
@@ -49,7 +49,7 @@ class SalUnConfig(Recipe):
 
     Attributes:
         saliency_ratio: fraction of the trainable weights that are salient and trained
-            (the authors' class-wise setting: 0.5).
+            (0.5: the mask of the authors' example run).
     """
 
     epochs: int = 2
