@@ -14,14 +14,19 @@ Every metric of ``erm_surgery.evaluate`` is measured on the four models the way 
 report measures it (one ``evaluate`` call with model=(b), original=(a),
 retrained=[(c), (d)]; a second one for (d)'s pairwise metrics, CKA and k-NN, and a direct
 ``relearn`` call for (d)). A metric *separates* when both |a - c| and |b - c| are at least
-3x |c - d| (the seed-to-seed spread) on every seed; only such metrics may carry the
-verdict. The verdict itself is then computed for (a) and (b) against [(c), (d)] and for
-(c) against (d).
+3x |c - d| (the seed-to-seed spread) on every seed, with (a) and (b) on the same side of
+(c) (the verdict reads "beyond the retrained model" as forgotten, so a fake that lands
+beyond it fools the metric however far); only such metrics may carry the verdict. The
+verdict itself is then computed for (a) and (b) against [(c), (d)] and for (c) against
+(d).
 
     OMP_NUM_THREADS=1 python benchmarks/verdict_calibration.py          # ~12 min, 1 core
     OMP_NUM_THREADS=1 python benchmarks/verdict_calibration.py --quick  # smoke run
+    OMP_NUM_THREADS=1 python benchmarks/verdict_calibration.py --ktp --seeds 0
 
 Writes benchmarks/results/verdict_calibration.{json,md} (``--quick``: ``.quick.``).
+``--ktp`` instead judges a KTP student (``unlearn(a, ...)``, ``KTPConfig()`` defaults)
+against the same kind of references, and writes ``verdict_calibration.ktp.{json,md}``.
 """
 
 from __future__ import annotations
@@ -187,11 +192,15 @@ def separation(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 continue
             ac, bc, cd = abs(x["a"] - x["c"]), abs(x["b"] - x["c"]), abs(x["c"] - x["d"])
             ratio = min(ac, bc) / cd if cd > 0 else (math.inf if min(ac, bc) > 0 else 0.0)
-            per_seed.append({"a_c": ac, "b_c": bc, "c_d": cd, "ratio": ratio})
+            same_side = (x["a"] - x["c"]) * (x["b"] - x["c"]) > 0
+            per_seed.append({"a_c": ac, "b_c": bc, "c_d": cd, "ratio": ratio,
+                             "same_side": same_side})
         ok = [s for s in per_seed if s is not None]
         worst = min((s["ratio"] for s in ok), default=None)
-        out[name] = {"per_seed": per_seed, "worst_ratio": worst,
-                     "passes": len(ok) == len(runs) and worst is not None and worst >= RATIO,
+        sides = len(ok) == len(runs) and all(s["same_side"] for s in ok)
+        out[name] = {"per_seed": per_seed, "worst_ratio": worst, "same_side": sides,
+                     "passes": (len(ok) == len(runs) and worst is not None and worst >= RATIO
+                                and sides),
                      "calibrated_in_library": name in CALIBRATED}
     return out
 
@@ -211,11 +220,12 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{result['threads']} thread(s), {result['seconds']:.0f} s in all.", "",
              "Cases: (a) original, (b) logit-only (head rows blocked, original features), "
              "(c) retrained without the classes, (d) a second retrained seed. A metric "
-             f"passes when min(|a-c|, |b-c|) >= {RATIO:g} x |c-d| on every seed.", "",
+             f"passes when min(|a-c|, |b-c|) >= {RATIO:g} x |c-d| on every seed, with (a) "
+             "and (b) on the same side of (c).", "",
              "## Separation per metric (mean over seeds; worst ratio over seeds)", "",
-             "| metric | a | b | c | d | abs(a-c) | abs(b-c) | abs(c-d) | worst ratio | passes "
-             "| verdict uses it |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| metric | a | b | c | d | abs(a-c) | abs(b-c) | abs(c-d) | worst ratio "
+             "| a, b same side of c | passes | verdict uses it |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for name, s in sep.items():
         def mean_case(case: str, name: str = name) -> float | None:
             vals = [r["values"][case].get(name) for r in runs]
@@ -228,7 +238,8 @@ def to_markdown(result: dict[str, Any]) -> str:
 
         lines.append(f"| {name} | " + " | ".join(_fmt(mean_case(c)) for c in CASES) + " | "
                      + " | ".join(_fmt(mean_gap(k)) for k in ("a_c", "b_c", "c_d"))
-                     + f" | {_fmt(s['worst_ratio'])} | {'yes' if s['passes'] else 'no'} | "
+                     + f" | {_fmt(s['worst_ratio'])} | {'yes' if s['same_side'] else 'no'}"
+                     f" | {'yes' if s['passes'] else 'no'} | "
                      f"{'yes' if s['calibrated_in_library'] else 'no (diagnostic)'} |")
     lines += ["", "## Verdicts", "", "| seed | (a) original | (b) logit-only | (c) retrained |",
               "|---|---|---|---|"]
@@ -243,12 +254,56 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_ktp(seed: int, train: Any, test: Any, epochs: int, cfg: EvalConfig,
+            log: Any) -> dict[str, Any]:
+    """The verdict on a KTP student (default config) of the seed's original."""
+    from erm_surgery.methods.ktp import KTPConfig
+
+    a = _train_original(train, epochs, seed)
+    c = _retrain(a, train, epochs, 100 + seed)
+    d = _retrain(a, train, epochs, 200 + seed)
+    t0 = time.perf_counter()
+    student = E.unlearn(a, FORGET, train, config=KTPConfig(seed=seed, show_progress=False))
+    t_ktp = time.perf_counter() - t0
+    rep = evaluate(student.eval(), FORGET, train, test, original=a, retrained=[c, d],
+                   metrics=["accuracy", "mia", "entropy_mia", "zrf", "probe", "fewshot"],
+                   config=cfg)
+    log(f"seed {seed}: KTP ({t_ktp:.0f} s): {rep.verdict.line()}")
+    return {"seed": seed, "ktp_seconds": t_ktp,
+            "verdict": {"status": rep.verdict.status, "reason": rep.verdict.reason},
+            "values": {case: _per_role_values(rep, role) for case, role in
+                       (("ktp", "model"), ("a", "original"), ("c", "retrained"),
+                        ("d", "retrained_2"))},
+            "retain_acc": {r: res.retain_test for r, res in rep.accuracy.items()}}
+
+
+def ktp_markdown(result: dict[str, Any]) -> str:
+    lines = ["# Verdict on a KTP student", "",
+             f"`python benchmarks/verdict_calibration.py --ktp --seeds "
+             f"{' '.join(map(str, result['seeds']))}`; MNIST-5k, test_resnet, "
+             f"{result['epochs']} epochs, forget {FORGET}, KTPConfig() defaults, "
+             f"{result['seconds']:.0f} s in all.", "",
+             "| seed | verdict | few-shot k=5: KTP / original / retrained / retrained 2 "
+             "| retain acc KTP / original | reason |", "|---|---|---|---|---|"]
+    for r in result["runs"]:
+        v = r["values"]
+        fs = " / ".join(_fmt(v[c].get("fewshot@5")) for c in ("ktp", "a", "c", "d"))
+        ra = r["retain_acc"]
+        lines.append(f"| {r['seed']} | {r['verdict']['status']} | {fs} | "
+                     f"{_fmt(ra.get('model'))} / {_fmt(ra.get('original'))} | "
+                     f"{r['verdict']['reason']} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true",
                         help="1,200 train / 400 test digits, 2 epochs, one seed")
+    parser.add_argument("--ktp", action="store_true",
+                        help="judge a KTP student instead of the calibration cases")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -264,6 +319,17 @@ def main() -> None:
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f} s] {text}", flush=True)
 
+    if args.ktp:
+        runs = [run_ktp(s, train, test, epochs, cfg, log) for s in seeds]
+        result = {"epochs": epochs, "seeds": seeds, "forget": FORGET, "runs": runs,
+                  "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "verdict_calibration.ktp.json").write_text(
+            json.dumps(_clean(result), indent=2, allow_nan=False))
+        md = ktp_markdown(result)
+        (args.out / "verdict_calibration.ktp.md").write_text(md)
+        print(md)
+        return
     runs = [run_seed(s, train, test, epochs, cfg, log) for s in seeds]
     result = {"quick": args.quick, "epochs": epochs, "seeds": seeds, "forget": FORGET,
               "n_train": len(train), "n_test": len(test), "threads": torch.get_num_threads(),

@@ -4,7 +4,8 @@ Every metric value is placed on one scale per metric: 0 = the original model's v
 1 = the retrained reference's (a model trained without the forget classes, the gold
 standard). The noise band is how far apart retrained references land: the spread of the
 retrained seeds when several are given (``evaluate(..., retrained=[r1, r2])``), widened
-to the few-shot probe's confidence interval and to a floor (:data:`MIN_BAND`).
+to the confidence interval of the difference model - retrained (few-shot probe: the two
+95% half-widths combined in quadrature) and to a floor (:data:`MIN_BAND`).
 
 Only *calibrated* metrics (:data:`CALIBRATED`) decide. A metric is calibrated when, on
 the calibration benchmark (``benchmarks/verdict_calibration.py``: an original, a
@@ -12,7 +13,10 @@ the calibration benchmark (``benchmarks/verdict_calibration.py``: an original, a
 original's, and two retrained seeds, on 3 seeds), both the original and the logit-only
 model sit at least 3x the seed-to-seed spread away from the retrained model. Metrics
 that read only the logits cannot pass: the logit-only model looks forgotten to them.
-The others are still placed on the scale, labelled diagnostics.
+A metric on which the logit-only model lands beyond the retrained one (entropy MIA, ZRF)
+fails too, however far: the verdict reads "beyond retrained" as forgotten. The others are
+still placed on the scale, labelled diagnostics. On MNIST-5k the few-shot probe at k = 5
+separates best (worst seed 16x the seed spread; k = 10: 4.8x), so it alone decides.
 
 Rules, in order (the first that applies wins):
 
@@ -45,7 +49,7 @@ __all__ = ["Verdict", "MetricPosition", "judge", "CALIBRATED", "MIN_BAND", "STAT
 STATUSES: tuple[str, ...] = ("forgotten", "not forgotten", "inconclusive", "broken")
 
 #: Metrics the verdict rests on (they passed the calibration benchmark, see the module doc).
-CALIBRATED: frozenset[str] = frozenset({"fewshot@5", "fewshot@10"})
+CALIBRATED: frozenset[str] = frozenset({"fewshot@5"})
 
 #: Smallest noise band per metric unit (fractions; relearn in epochs): a metric value
 #: differing by less is read as the same, however close two retrained seeds happened to be.
@@ -161,6 +165,12 @@ def _values(report: UnlearningReport) -> list[tuple[str, str, dict[str, float]]]
     return out
 
 
+def _difference_width(report: UnlearningReport, name: str) -> float:
+    """Confidence half-width of ``model - retrained`` on a few-shot metric (0 otherwise):
+    both values are means over a few draws, so both carry noise."""
+    return math.hypot(_half_width(report, name, "model"), _half_width(report, name, "retrained"))
+
+
 def _half_width(report: UnlearningReport, name: str, role: str) -> float:
     """The few-shot probe's confidence half-width of ``role`` (0 for other metrics)."""
     if not name.startswith("fewshot@") or role not in report.fewshot:
@@ -178,7 +188,7 @@ def _position(report: UnlearningReport, name: str, reads: str, vals: dict[str, f
     if r is None:
         return pos
     spread = max([r, *seed_vals]) - min([r, *seed_vals])
-    pos.band = max(spread, _half_width(report, name, "retrained"),
+    pos.band = max(spread, _difference_width(report, name),
                    MIN_BAND.get(name, _DEFAULT_MIN_BAND))
     if o is None or m is None:
         return pos
@@ -258,8 +268,7 @@ def judge(report: UnlearningReport, retain_acc: Mapping[str, float], *,
             f"{worst.retrained:.3f} +/- {worst.band:.3f} (position {worst.position:.2f})")
     if all(p.call == "like retrained" for p in usable):
         verdict.status = "forgotten"
-        verdict.reason = (f"like the retrained reference on {len(usable)} calibrated "
-                          f"metric(s); {text}")
+        verdict.reason = f"like the retrained reference: {text}"
     elif any(p.call == "like original" for p in usable):
         verdict.status = "not forgotten"
         verdict.reason = f"not distinguishable from the original: {text}"
