@@ -51,7 +51,7 @@ RECIPES: dict[str, KTPConfig] = {
     "Adam 0.01, 2 ep, + labels, fixed head, batch 128": KTPConfig(
         **{**ADAM, "train_head": False, "max_batch_size": 128}, epochs=2, lr=0.01,
         batch_size=128),
-    "Adam 0.005, 2 ep, + labels, fixed head, batch policy 32-128": KTPConfig(
+    "Adam 0.005, 2 ep, + labels, fixed head, batch policy 32-128, min_steps 100": KTPConfig(
         optimizer="adam", label_weight=1.0, train_head=False, epochs=2, lr=0.005,
         batch_size=32, max_batch_size=128, min_steps=100),
 }

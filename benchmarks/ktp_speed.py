@@ -41,7 +41,9 @@ from erm_surgery.training import ERMConfig
 RESULTS = Path(__file__).parent / "results"
 #: KTP before issue 18: batch 32 whatever the data, lr 0.005
 OLD = KTPConfig(batch_size=32, max_batch_size=32, lr=0.005, show_progress=False)
-RECIPES = {"before (batch 32)": OLD, "default": KTPConfig(show_progress=False)}
+RECIPES = {"before (batch 32)": OLD,
+           "policy, min_steps=100": KTPConfig(min_steps=100, show_progress=False),
+           "default": KTPConfig(show_progress=False)}
 
 
 class Peak:
@@ -78,6 +80,32 @@ class Peak:
                 / mib, "cuda_peak_mib": None if self.cuda is None else self.cuda / mib}
 
 
+def render(data: dict) -> list[str]:
+    """The Markdown table of one run's JSON."""
+    md = ["# A KTP epoch against a training epoch", "",
+          f"`{data.get('command', 'python benchmarks/ktp_speed.py')}` ({data['setting']}).",
+          *([data["note"]] if "note" in data else []), "",
+          "Training epoch: plain supervised training of the same model on the same retain "
+          "data, batch 128. KTP epoch: the whole `ktp` call (teacher pass included) / its "
+          "epochs. CPU seconds of this process; ratio = KTP / training (wall ratio in "
+          "brackets). Memory: peak resident set during the call and its rise over the "
+          "set before it, MiB.", "",
+          "| model | recipe | batch | steps | train s/epoch | KTP s/epoch | ratio | "
+          "train RSS peak (rise) | KTP RSS peak (rise) | cache MiB | retain acc "
+          "(teacher) |",
+          "| --- " * 11 + "|"]
+    for r in data["rows"]:
+        t, m = r["train"], r["ktp_memory"]
+        md.append(
+            f"| {r['model']} | {r['recipe']} | {r['batch_size']} | {r['steps']} | "
+            f"{t['cpu_s_per_epoch']:.1f} | {r['ktp_cpu_s_per_epoch']:.1f} | "
+            f"{r['ratio_cpu']:.2f} ({r['ratio_wall']:.2f}) | "
+            f"{t['rss_peak_mib']:.0f} ({t['rss_rise_mib']:+.0f}) | "
+            f"{m['rss_peak_mib']:.0f} ({m['rss_rise_mib']:+.0f}) | {r['cache_mib']:.1f} | "
+            f"{r['retain_acc_test']:.3f} ({r['teacher_retain_acc_test']:.3f}) |")
+    return md
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="test_resnet,resnet18,resnet50")
@@ -92,7 +120,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="ktp_speed", help="result file stem")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only rewrite the .md next to this result .json")
     args = parser.parse_args()
+    if args.render is not None:
+        md = render(json.loads(args.render.read_text()))
+        args.render.with_suffix(".md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+        return
     torch.set_num_threads(args.threads)
     teacher_epochs = {k: int(v) for k, v in (p.split("=") for p in args.epochs.split(","))}
     forget = [int(c) for c in args.forget.split(",")]
@@ -152,30 +187,12 @@ def main() -> None:
     setting = (f"MNIST-5k {len(train_set)} train / {len(test_set)} test at 32x32, forget "
                f"{forget} ({len(retain)} retain samples), CPU {args.threads} thread(s), "
                f"torch {torch.__version__}, seed {args.seed}")
-    (args.out / f"{args.name}.json").write_text(json.dumps(
-        {"setting": setting, "recipes": {k: v.__dict__ for k, v in recipes.items()},
-         "rows": rows}, indent=2))
-    md = ["# A KTP epoch against a training epoch", "",
-          f"`OMP_NUM_THREADS={args.threads} python benchmarks/ktp_speed.py --models "
-          f"{args.models} --threads {args.threads}` ({setting}).", "",
-          "Training epoch: plain supervised training of the same model on the same retain "
-          "data, batch 128. KTP epoch: the whole `ktp` call (teacher pass included) / its "
-          "epochs. CPU seconds of this process; ratio = KTP / training (wall ratio in "
-          "brackets). Memory: peak resident set during the call and its rise over the "
-          "set before it, MiB.", "",
-          "| model | recipe | batch | steps | train s/epoch | KTP s/epoch | ratio | "
-          "train RSS peak (rise) | KTP RSS peak (rise) | cache MiB | retain acc "
-          "(teacher) |",
-          "| --- " * 11 + "|"]
-    for r in rows:
-        t, m = r["train"], r["ktp_memory"]
-        md.append(
-            f"| {r['model']} | {r['recipe']} | {r['batch_size']} | {r['steps']} | "
-            f"{t['cpu_s_per_epoch']:.1f} | {r['ktp_cpu_s_per_epoch']:.1f} | "
-            f"{r['ratio_cpu']:.2f} ({r['ratio_wall']:.2f}) | "
-            f"{t['rss_peak_mib']:.0f} ({t['rss_rise_mib']:+.0f}) | "
-            f"{m['rss_peak_mib']:.0f} ({m['rss_rise_mib']:+.0f}) | {r['cache_mib']:.1f} | "
-            f"{r['retain_acc_test']:.3f} ({r['teacher_retain_acc_test']:.3f}) |")
+    command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/ktp_speed.py --models "
+               f"{args.models} --threads {args.threads}")
+    data = {"setting": setting, "command": command,
+            "recipes": {k: v.__dict__ for k, v in recipes.items()}, "rows": rows}
+    (args.out / f"{args.name}.json").write_text(json.dumps(data, indent=2))
+    md = render(data)
     (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

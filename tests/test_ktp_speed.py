@@ -135,3 +135,6 @@ def test_the_batch_grows_with_the_data_and_keeps_enough_steps():
     fixed = KTPConfig(batch_size=32, max_batch_size=32)
     assert fixed.batch_for(50_000) == (32, fixed.lr)
     assert KTPConfig.paper().batch_for(50_000)[0] == 32  # the reference recipe's batch
+    # the default keeps 200 steps: batch 32 on MNIST-5k's retain data, 64 from 6,400
+    assert KTPConfig().batch_for(3588) == (32, KTPConfig().lr)
+    assert [KTPConfig().batch_for(n)[0] for n in (6399, 6400, 12800)] == [32, 64, 128]

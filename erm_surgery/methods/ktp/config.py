@@ -20,13 +20,17 @@ class KTPConfig(Recipe):
     The fields of :class:`~erm_surgery.training.optim.Recipe` with KTP's defaults
     (``epochs`` = distillation epochs of the student, Adam at ``lr`` 0.005 with a cosine
     schedule to 0, batch 32 on small data; ``seed`` also seeds the student's
-    re-initialisation), and:
+    re-initialisation), and the attributes below.
 
     The batch grows with the data (:meth:`batch_for`): ``batch_size`` is the batch on
     small data, doubled up to ``max_batch_size`` while the run keeps at least
     ``min_steps`` optimiser steps, with ``lr`` scaled by ``sqrt(batch / batch_size)``.
-    Small data needs steps (measured: batch 128 on 1,800 samples lost 7 to 60 points);
-    large data runs faster in larger batches.
+    The budget is steps: on MNIST-5k's 2,400-3,600 retain samples, 224 steps at batch 32
+    kept the retain accuracy, 112 at batch 64 lost 0.39 points on average and 56 at batch
+    128 two points (benchmarks/results/ktp_batch_*), so the default ``min_steps`` of 200
+    keeps batch 32 below 6,400 samples per process. ``min_steps=100`` takes batch 64
+    there: a KTP epoch as cheap as a training epoch on ``test_resnet`` (1.23x on
+    ``resnet18``), for those 0.4 points (docs/unlearning.md, "Speed and memory").
 
     Attributes:
         max_batch_size: the largest batch the policy may take (``batch_size`` or less =
@@ -74,7 +78,7 @@ class KTPConfig(Recipe):
     optimizer: str = "adam"
     batch_size: int = 32
     max_batch_size: int = 128
-    min_steps: int = 100
+    min_steps: int = 200
     threshold: float = 0.0
     distill_on: str = "retain"
     pooled_weight: float = 1.0
