@@ -156,7 +156,9 @@ def test_the_command_line_lists_the_methods(capsys):
 
 #: two runs cover the option types of the six configs (a str choice, an optional int)
 CLI_RUNS = {"boundary_shrink": ["--epochs", "1", "--set", "neighbours=any"],
-            "ssd": ["--set", "max_samples=150", "--set", "alpha=5"]}
+            "ssd": ["--set", "max_samples=150", "--set", "alpha=5"],
+            **{name: ["--epochs", "1"] for name in ("salun", "l1_sparse", "scrub",
+                                                    "bad_teacher")}}
 
 
 @pytest.mark.parametrize("name", sorted(CLI_RUNS))
@@ -175,5 +177,7 @@ def test_the_command_line_runs_a_method_with_its_own_fields(checkpoint, tmp_path
     assert info["method"] == name and info["forget_classes"] == FORGET
     if name == "ssd":
         assert (info["epochs"], info["alpha"], info["samples"]) == (0, 5.0, 150)
-    else:
+    elif name == "boundary_shrink":
         assert (info["epochs"], info["neighbours"]) == (1, "any")
+    else:  # --epochs reached the method's config
+        assert info["epochs"] == 1
