@@ -25,6 +25,8 @@ from erm_surgery.evaluation.features import FeatureCache
 from erm_surgery.evaluation.files import atomic_write_text
 from erm_surgery.evaluation.models import find_classifier, pool_classifier_input
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FORGET = [0, 1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -77,15 +79,6 @@ class FakeERM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # every tensor here is tiny: one thread is fastest, more only contend on a busy 2-core CI
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_data(n: int = 40, num_classes: int = 4, seed: int = 0) -> TensorDataset:

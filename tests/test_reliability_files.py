@@ -27,6 +27,8 @@ from erm_surgery import checkpoint
 from erm_surgery.cli import main
 from erm_surgery.unlearning import unlearn_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FT = {"method": "finetune", "epochs": 1, "show_progress": False}
 CLI_FT = ["--method", "finetune", "--epochs", "1", "--no-progress"]
 
@@ -41,16 +43,6 @@ def tiny_data(n: int = 20) -> TensorDataset:
 
 def forgotten(path) -> list[int]:
     return E.read_metadata(path)["forgotten_classes"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread only adds contention (a backward
-    pass took 2.4 s of CPU with two threads on a busy 2-core machine, 0.1 s with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from erm_surgery.errors import TrainingError
 from erm_surgery.training.trainer import NonFiniteWatch
 from erm_surgery.unlearning.request import labels_of
 
-pytestmark = pytest.mark.filterwarnings("ignore:knowledge entanglement")
+pytestmark = [pytest.mark.filterwarnings("ignore:knowledge entanglement"),
+              pytest.mark.usefixtures("one_thread")]
 
 FIT = dict(epochs=1, batch_size=16, show_progress=False)
 KTP = dict(epochs=1, batch_size=16, show_progress=False)
@@ -51,16 +52,6 @@ class NoFastLabels(Dataset):
         return self.base[i]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: a second thread only waits for the first (measured: 10-30x
-    slower on a loaded 2-core machine). The session's setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def same(model, before) -> bool:
     """``unchanged`` for tensors that may hold NaN (NaN == NaN here)."""
     after = model.state_dict()
@@ -70,7 +61,7 @@ def same(model, before) -> bool:
 
 
 @pytest.fixture(scope="module")
-def trained(_one_thread):
+def trained(one_thread):
     """One tiny trained teacher (with an ERM epoch) for the unlearning tests."""
     torch.manual_seed(0)
     model = tiny()

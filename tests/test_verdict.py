@@ -34,16 +34,9 @@ from erm_surgery.evaluation import (
 from erm_surgery.evaluation.features import FeatureCache
 from erm_surgery.evaluation.verdict import CALIBRATED
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FORGET = [4, 9]  # the digits teacher's recorded classes (any two would do)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread is fastest; more only contend on a busy 2-core CI
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------- few-shot probe
