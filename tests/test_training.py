@@ -60,6 +60,18 @@ def test_projection_rows_and_channels():
         m2.project_("diagonal")
 
 
+def test_prune_zeroes_small_entries_and_keeps_the_rest():
+    mask = ERMMask(2, 4)
+    mask.G.data = torch.tensor([[1.0, 0.09, 0.1, 0.0], [0.05, 1.0, 0.5, 0.099]])
+    mask.prune_(0.1)
+    assert torch.equal(mask.G, torch.tensor([[1.0, 0.0, 0.1, 0.0], [0.0, 1.0, 0.5, 0.0]]))
+    assert mask.keep_mask([1]).tolist() == [True, False, False, True]
+    with pytest.raises(ValueError, match="below"):
+        mask.prune_(1.0)
+    with pytest.raises(ValueError, match="prune_below"):
+        ERMConfig(prune_below=-0.1)
+
+
 def test_keep_mask_threshold():
     mask = ERMMask(3, 4)
     mask.G.data = torch.tensor([[1.0, 0.3, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
@@ -136,6 +148,8 @@ def test_erm_training_reaches_the_paper_properties_on_real_digits(mnist_small, t
     assert last.val_accuracy >= ref.history[-1].val_accuracy - 0.02
     assert last.csi < 9.0, "rows of G should be nearly orthogonal (max is 90)"
     assert 0.02 <= last.l1_density <= 0.2
+    G = model.erm.G.detach()  # the last ERM epoch ends by pruning the entries below prune_below
+    assert not ((G > 0) & (G < ERMConfig().prune_below)).any()
     table = prohibition_accuracy(model, test_set)
     assert table.mean_prohibited <= 0.10
     assert table.mean_permitted >= table.std_accuracy - 0.03

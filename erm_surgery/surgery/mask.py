@@ -136,6 +136,26 @@ class ERMMask(nn.Module):
         return self
 
     @torch.no_grad()
+    def prune_(self, below: float) -> ERMMask:
+        """Set the entries of ``G`` that are ``< below`` to 0, in place (issue 13).
+
+        Each ERM step moves every entry by about ``g_lr`` (Adam), whatever its gradient's
+        size, so a channel a class does not use keeps drifting near 0 instead of settling
+        there. Prohibition removes every channel with ``G > 0``, so those small entries make a
+        class look as if it used far more channels than it does (efficientnet_b0, K = 1280:
+        394 channels per class, 183 of them below 0.1; with those pruned the prohibited
+        accuracy stays 0.0 and the permitted accuracy rises from 0.606 to 0.642, the STD
+        accuracy being 0.644). :class:`~erm_surgery.training.ERMTrainer` calls this at the end
+        of a run's last ERM epoch with ``ERMConfig.prune_below``; a loop of your own can do
+        the same after its last ERM step.
+        """
+        if not 0.0 <= below < 1.0:
+            raise ValueError(f"below must be in [0, 1), got {below}")
+        G = self.G.data
+        G.masked_fill_(G < below, 0.0)
+        return self
+
+    @torch.no_grad()
     def keep_mask(self, classes: Iterable[int], threshold: float = 0.0) -> torch.Tensor:
         """``Gbar`` of the paper (Eq. 9/10): bool ``(K,)``, True where a channel is kept.
 
