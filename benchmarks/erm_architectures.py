@@ -15,7 +15,9 @@ logit margin (own logit minus the best other) of a class's test samples with all
 with only the channels of its ``G`` row (``G[c] > 0``) and with only the others (the
 prohibition mask). ``--set key=value`` overrides an ``ERMConfig`` field.
 
-Writes ``benchmarks/results/<out>.{json,md}`` (default ``erm_architectures``).
+Writes ``benchmarks/results/<out>.{json,md}`` (default ``erm_architectures``); parts of one
+sweep run as parallel one-thread processes (``--out part_a`` ...) are combined with
+``--merge part_a part_b``.
 """
 
 from __future__ import annotations
@@ -211,6 +213,9 @@ def main(argv=None) -> None:
     parser.add_argument("--append", action="store_true",
                         help="add the rows to an existing <out>.json (one sweep in parts)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="NAME",
+                        help="only combine the rows of results/<NAME>.json files (parts of one "
+                             "sweep run in parallel processes) into <out>.{json,md}")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
@@ -221,6 +226,15 @@ def main(argv=None) -> None:
             overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             overrides[key] = value
+    if args.merge:
+        parts = [json.loads((args.results / f"{name}.json").read_text()) for name in args.merge]
+        rows = [row for part in parts for row in part["rows"]]
+        commands = [c for part in parts for c in part["commands"]]
+        (args.results / f"{args.out}.json").write_text(json.dumps(
+            {"commands": commands, "overrides": overrides, "rows": rows}, indent=2))
+        (args.results / f"{args.out}.md").write_text(to_markdown(rows, commands, args,
+                                                                 overrides))
+        return
     train_set, test_set = load_mnist5k(size=args.size)
     if args.n_train < len(train_set):
         train_set = torch.utils.data.Subset(train_set, range(args.n_train))
