@@ -10,8 +10,10 @@ For each model: ERM-train a teacher on MNIST-5k (4,000 train / 1,000 test digits
 
 Seconds are this process's CPU seconds (``time.process_time``: robust when other jobs
 share the machine; run with ``OMP_NUM_THREADS=1`` so that CPU time is compute time) and
-wall seconds. Peak memory: the process's resident set (psutil, sampled every 5 ms) during
-the call, and its rise over the resident set before it; on CUDA, ``max_memory_allocated``.
+wall seconds. Peak memory: the process's resident set during the call and its rise over
+the resident set before it, and on CUDA ``max_memory_allocated``, both measured the same
+way for training and KTP (:class:`erm_surgery.methods.ktp.memory.PeakMemory`, which also
+fills ``KTPInfo.peak_rss_mib`` / ``cuda_peak_mib``).
 
     OMP_NUM_THREADS=1 python benchmarks/ktp_speed.py --models test_resnet,resnet18
 
@@ -21,63 +23,48 @@ Writes benchmarks/results/ktp_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import threading
+import shlex
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Subset, TensorDataset
 from unlearn_vs_retrain import STD_ONLY, Clock, fresh  # sibling script
 
 import erm_surgery
 from erm_surgery.data import load_mnist5k
 from erm_surgery.evaluation import evaluate
 from erm_surgery.methods.ktp import KTPConfig, ktp
+from erm_surgery.methods.ktp.memory import PeakMemory
 from erm_surgery.training import ERMConfig
 
 RESULTS = Path(__file__).parent / "results"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: KTP before issue 18: batch 32 whatever the data, lr 0.005
 OLD = KTPConfig(batch_size=32, max_batch_size=32, lr=0.005, show_progress=False)
 RECIPES = {"before (batch 32)": OLD,
+           "default": KTPConfig(show_progress=False),
            "policy, min_steps=100": KTPConfig(min_steps=100, show_progress=False),
-           "default": KTPConfig(show_progress=False)}
+           # the best trade-off measured (ktp_batch_warmup/ktp_recipe.md): batch 64 on
+           # MNIST-5k's nine cases, lr 0.005 * 64 / 32 with a 20-step warmup
+           "batch 64, linear lr, warmup 20": KTPConfig(min_steps=64, max_batch_size=64,
+                                                       lr_scaling="linear",
+                                                       warmup_steps=20,
+                                                       show_progress=False),
+           # the fastest recipe tried: 56 steps at batch 128, linear lr with a warmup
+           "batch 128, lr 0.02, warmup 10": KTPConfig(batch_size=128, max_batch_size=128,
+                                                      lr=0.02, warmup_steps=10,
+                                                      show_progress=False)}
 
 
-class Peak:
-    """Peak resident set size of this process during a block (a sampling thread), and
-    the CUDA peak when a GPU is used."""
-
-    def __enter__(self) -> Peak:
-        import psutil
-
-        gc.collect()
-        self._proc = psutil.Process()
-        self.before = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-        self.cuda = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-                     else None)
-
-    def record(self) -> dict:
-        mib = 1 << 20
-        return {"rss_peak_mib": self.peak / mib, "rss_rise_mib": (self.peak - self.before)
-                / mib, "cuda_peak_mib": None if self.cuda is None else self.cuda / mib}
+def _memory(peak: PeakMemory) -> dict:
+    """A :class:`PeakMemory` block's figures for the JSON (MiB)."""
+    return {"rss_peak_mib": peak.peak_rss_mib,
+            "rss_rise_mib": peak.peak_rss_mib - peak.rss_before_mib,
+            "cuda_peak_mib": peak.cuda_peak_mib}
 
 
 def render(data: dict) -> list[str]:
@@ -97,7 +84,8 @@ def render(data: dict) -> list[str]:
     for r in data["rows"]:
         t, m = r["train"], r["ktp_memory"]
         md.append(
-            f"| {r['model']} | {r['recipe']} | {r['batch_size']} | {r['steps']} | "
+            f"| {r['model']} ({r.get('retain_samples', 3588)} retain) | {r['recipe']} | "
+            f"{r['batch_size']} | {r['steps']} | "
             f"{t['cpu_s_per_epoch']:.1f} | {r['ktp_cpu_s_per_epoch']:.1f} | "
             f"{r['ratio_cpu']:.2f} ({r['ratio_wall']:.2f}) | "
             f"{t['rss_peak_mib']:.0f} ({t['rss_rise_mib']:+.0f}) | "
@@ -118,8 +106,15 @@ def main() -> None:
                         help="';'-separated substrings of RECIPES names (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", default="",
+                        help="training digits per model, of the 4,000 (model=n, "
+                             "','-separated; default all): to fit a large model's run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="ktp_speed", help="result file stem")
+    parser.add_argument("--hand-g", default="",
+                        help="','-separated models whose G is set by hand after training "
+                             "(K // C disjoint channels per class): a timing run for a "
+                             "model that ERM does not separate in the epochs it can afford")
     parser.add_argument("--render", type=Path, default=None,
                         help="only rewrite the .md next to this result .json")
     args = parser.parse_args()
@@ -133,38 +128,51 @@ def main() -> None:
     forget = [int(c) for c in args.forget.split(",")]
     wanted = [w for w in args.recipes.split(";") if w]
     recipes = {k: v for k, v in RECIPES.items() if not wanted or any(w in k for w in wanted)}
-    train_set, test_set = load_mnist5k()
-    labels = train_set.tensors[1]
-    retain = Subset(train_set, [i for i, y in enumerate(labels.tolist()) if y not in forget])
+    samples = {k: int(v) for k, v in (p.split("=") for p in args.samples.split(",") if p)}
+    all_train, test_set = load_mnist5k()
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows = []
     for name in args.models.split(","):
         epochs = teacher_epochs.get(name, 4)
+        n = samples.get(name, len(all_train))
+        train_set = TensorDataset(*(t[:n] for t in all_train.tensors))
+        labels = train_set.tensors[1]
+        retain = Subset(train_set, [i for i, y in enumerate(labels.tolist())
+                                    if y not in forget])
         teacher = fresh(name, args.seed)
         with Clock() as clock:
             erm_surgery.train(teacher, train_set, epochs=epochs, config=ERMConfig(),
                               seed=args.seed, show_progress=False)
         erm_epoch = clock.cpu / epochs
+        hand_g = name in args.hand_g.split(",")
+        if hand_g:  # KTP refuses an unseparated G; timing needs only a separated one
+            with torch.no_grad():
+                G = teacher.erm.G
+                own = G.shape[1] // G.shape[0]
+                G.zero_()
+                for c in range(G.shape[0]):
+                    G[c, own * c:own * (c + 1)] = 1.0
         plain = fresh(name, args.seed + 1)
-        with Clock() as clock, Peak() as peak, warnings.catch_warnings():
+        with Clock() as clock, PeakMemory(DEVICE) as peak, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "classes [3] have no samples": on purpose
             erm_surgery.train(plain, retain, epochs=args.train_epochs, config=STD_ONLY,
                               seed=args.seed, show_progress=False)
         train_row = {"cpu_s_per_epoch": clock.cpu / args.train_epochs,
-                     "wall_s_per_epoch": clock.wall / args.train_epochs, **peak.record()}
+                     "wall_s_per_epoch": clock.wall / args.train_epochs, **_memory(peak)}
         del plain
         print(json.dumps({"model": name, "train": train_row}), flush=True)
         for label, recipe in recipes.items():
             config = replace(recipe, seed=args.seed)
             with warnings.catch_warnings():  # entanglement warnings: expected here
                 warnings.simplefilter("ignore")
-                with Clock() as clock, Peak() as peak:
+                with Clock() as clock, PeakMemory(DEVICE) as peak:
                     student, info = ktp(teacher, forget, train_set, config=config)
             report = evaluate(student, forget, train_set, test_set, original=teacher,
                               metrics=("accuracy",))
             acc = report.accuracy
             row = {"model": name, "teacher_epochs": epochs, "recipe": label,
+                   "train_samples": n, "retain_samples": len(retain), "hand_g": hand_g,
                    "batch_size": info.batch_size, "lr": info.lr,
                    "ktp_epochs": info.epochs, "samples": info.samples,
                    "steps": info.steps, "cached_samples": info.cached_samples,
@@ -175,7 +183,9 @@ def main() -> None:
                    "ktp_wall_s_per_epoch": clock.wall / info.epochs,
                    "ratio_cpu": clock.cpu / info.epochs / train_row["cpu_s_per_epoch"],
                    "ratio_wall": clock.wall / info.epochs / train_row["wall_s_per_epoch"],
-                   "ktp_memory": peak.record(),
+                   "ktp_memory": _memory(peak),
+                   "info_peak_rss_mib": info.peak_rss_mib,
+                   "info_cuda_peak_mib": info.cuda_peak_mib,
                    "retain_acc_test": acc["model"].retain_test,
                    "teacher_retain_acc_test": acc["original"].retain_test,
                    "forget_acc_test": acc["model"].forget_test}
@@ -184,11 +194,11 @@ def main() -> None:
             del student
         del teacher
 
-    setting = (f"MNIST-5k {len(train_set)} train / {len(test_set)} test at 32x32, forget "
-               f"{forget} ({len(retain)} retain samples), CPU {args.threads} thread(s), "
-               f"torch {torch.__version__}, seed {args.seed}")
-    command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/ktp_speed.py --models "
-               f"{args.models} --threads {args.threads}")
+    setting = (f"MNIST-5k: the first n of {len(all_train)} train digits (n per row, default "
+               f"all) / {len(test_set)} test at 32x32, forget {forget}, {DEVICE}, "
+               f"{args.threads} thread(s), torch {torch.__version__}, seed {args.seed}")
+    command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/ktp_speed.py "
+               + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     data = {"setting": setting, "command": command,
             "recipes": {k: v.__dict__ for k, v in recipes.items()}, "rows": rows}
     (args.out / f"{args.name}.json").write_text(json.dumps(data, indent=2))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +71,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--ktp-extra", default="",
+                        help="JSON of KTPConfig fields: a second KTP run per forget set on "
+                             "the same original, against the same retrained model")
     args = parser.parse_args()
+    extra = json.loads(args.ktp_extra) if args.ktp_extra else None
     torch.set_num_threads(args.threads)
     forget_sets = [[int(c) for c in part.split(",")] for part in args.forget.split(";")]
     train_set, test_set = load_mnist5k()
@@ -133,54 +139,62 @@ def main() -> None:
         retrained = fresh(args.model, args.seed + 1)
         _, retrain_s = timed_train(retrained, retain_train, args.epochs, ERMConfig(),
                                    seed=args.seed)
-        with Clock() as ktp_s:
-            student, info = ktp(original, forget, train_set,
-                                config=KTPConfig(epochs=args.ktp_epochs, show_progress=False,
-                                                 seed=args.seed))
-        report = evaluate(student, forget, train_set, test_set, original=original,
-                          retrained=retrained, metrics=("accuracy", "probe"),
-                          config=eval_cfg)
-        acc, probe = report.accuracy, report.probe
-        row = {
-            "forget": forget,
-            "ktp_seconds": ktp_s.wall, "retrain_seconds": retrain_s.wall,
-            "ktp_cpu_seconds": ktp_s.cpu, "retrain_cpu_seconds": retrain_s.cpu,
-            "time_ratio": ktp_s.wall / retrain_s.wall,
-            "cpu_time_ratio": ktp_s.cpu / retrain_s.cpu,
-            "forget_acc_train": acc["model"].forget_train,
-            "forget_acc_test": acc["model"].forget_test,
-            "retain_acc_test": acc["model"].retain_test,
-            "original_retain_acc_test": acc["original"].retain_test,
-            "retrained_retain_acc_test": acc["retrained"].retain_test,
-            "retrained_forget_acc_test": acc["retrained"].forget_test,
-            "probe_forget_ktp": probe["model"].forget_acc,
-            "probe_forget_retrained": probe["retrained"].forget_acc,
-            "probe_forget_original": probe["original"].forget_acc,
-            "prohibited_channels": info.prohibited_channels,
-            "num_channels": info.num_channels,
-            "retain_channels_lost": info.retain_channels_lost,
-        }
-        rows.append(row)
-        print(json.dumps(row))
+        variants = [("defaults", {})] + ([("extra: " + args.ktp_extra, extra)]
+                                         if extra else [])
+        for label, overrides in variants:
+            with Clock() as ktp_s:
+                student, info = ktp(original, forget, train_set, config=KTPConfig(
+                    **{"epochs": args.ktp_epochs, **overrides}, show_progress=False,
+                    seed=args.seed))
+            report = evaluate(student, forget, train_set, test_set, original=original,
+                              retrained=retrained, metrics=("accuracy", "probe"),
+                              config=eval_cfg)
+            acc, probe = report.accuracy, report.probe
+            row = {
+                "forget": forget, "ktp": label, "batch_size": info.batch_size,
+                "steps": info.steps, "peak_rss_mib": info.peak_rss_mib,
+                "ktp_seconds": ktp_s.wall, "retrain_seconds": retrain_s.wall,
+                "ktp_cpu_seconds": ktp_s.cpu, "retrain_cpu_seconds": retrain_s.cpu,
+                "time_ratio": ktp_s.wall / retrain_s.wall,
+                "cpu_time_ratio": ktp_s.cpu / retrain_s.cpu,
+                "forget_acc_train": acc["model"].forget_train,
+                "forget_acc_test": acc["model"].forget_test,
+                "retain_acc_test": acc["model"].retain_test,
+                "original_retain_acc_test": acc["original"].retain_test,
+                "retrained_retain_acc_test": acc["retrained"].retain_test,
+                "retrained_forget_acc_test": acc["retrained"].forget_test,
+                "probe_forget_ktp": probe["model"].forget_acc,
+                "probe_forget_retrained": probe["retrained"].forget_acc,
+                "probe_forget_original": probe["original"].forget_acc,
+                "prohibited_channels": info.prohibited_channels,
+                "num_channels": info.num_channels,
+                "retain_channels_lost": info.retain_channels_lost,
+            }
+            rows.append(row)
+            print(json.dumps(row))
     result = {"setting": setting, "epochs": args.epochs, "ktp_config": KTPConfig().__dict__,
+              "ktp_extra": extra,
               "device": "cpu", "machine": platform.machine(), "rows": rows}
     (args.out / "unlearn_vs_retrain.json").write_text(json.dumps(result, indent=2))
     md = [
         "# KTP unlearning vs retraining from scratch",
         "",
-        f"`python benchmarks/unlearn_vs_retrain.py --epochs {args.epochs} --threads "
-        f"{args.threads}` ({setting}; original and retrained models: {args.epochs} epochs of "
-        f"`erm_surgery.train`; KTP: {args.ktp_epochs} distillation epochs, defaults "
-        "otherwise).",
+        f"`python benchmarks/unlearn_vs_retrain.py "
+        f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}` ({setting}; original and "
+        f"retrained models: {args.epochs} epochs of `erm_surgery.train`; KTP: "
+        f"{args.ktp_epochs} distillation epochs, defaults otherwise, or the overrides of "
+        "its row).",
         "",
-        "| forget | forget acc train / test | retain acc test (KTP / original / retrained) "
-        "| probe on forget classes (KTP / retrained / original) | channels prohibited "
-        "| KTP s | retrain s | wall ratio | CPU-time ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| forget | KTP | batch (steps) | forget acc train / test | retain acc test (KTP / "
+        "original / retrained) | probe on forget classes (KTP / retrained / original) | "
+        "channels prohibited | KTP s | retrain s | wall ratio | CPU-time ratio |",
+        "| --- " * 11 + "|",
     ]
     for r in rows:
         md.append(
-            f"| {r['forget']} | {r['forget_acc_train']:.3f} / {r['forget_acc_test']:.3f} "
+            f"| {r['forget']} | {r.get('ktp', 'defaults')} | {r.get('batch_size', 32)} "
+            f"({r.get('steps', '?')}) "
+            f"| {r['forget_acc_train']:.3f} / {r['forget_acc_test']:.3f} "
             f"| {r['retain_acc_test']:.4f} / {r['original_retain_acc_test']:.4f} / "
             f"{r['retrained_retain_acc_test']:.4f} | {r['probe_forget_ktp']:.3f} / "
             f"{r['probe_forget_retrained']:.3f} / {r['probe_forget_original']:.3f} | "

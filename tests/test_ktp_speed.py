@@ -138,3 +138,66 @@ def test_the_batch_grows_with_the_data_and_keeps_enough_steps():
     # the default keeps 200 steps: batch 32 on MNIST-5k's retain data, 64 from 6,400
     assert KTPConfig().batch_for(3588) == (32, KTPConfig().lr)
     assert [KTPConfig().batch_for(n)[0] for n in (6399, 6400, 12800)] == [32, 64, 128]
+
+
+def test_linear_lr_scaling_follows_the_batch_and_bad_settings_are_refused():
+    config = KTPConfig(batch_size=32, max_batch_size=128, min_steps=10, epochs=2,
+                       lr=0.004, lr_scaling="linear")
+    assert config.batch_for(50_000) == (128, pytest.approx(0.016))
+    assert config.batch_for(100)[0] == 32 and config.batch_for(100)[1] == 0.004
+    with pytest.raises(ValueError, match="lr_scaling"):
+        KTPConfig(lr_scaling="cube")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        KTPConfig(warmup_steps=-1)
+
+
+def _factors(total, warmup):
+    from erm_surgery.methods.ktp.ktp import _warmup_cosine
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = _warmup_cosine(opt, total, warmup)
+    out = []
+    for _ in range(total + 2):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_the_warmup_rises_linearly_then_the_cosine_decays_to_zero():
+    from erm_surgery.training import cosine_schedule
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    plain, sched = [], cosine_schedule(opt, 20)
+    for _ in range(22):
+        plain.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert _factors(20, 0) == pytest.approx(plain)  # no warmup: train()'s schedule
+    lrs = _factors(20, 4)
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # step + 1 over warmup + 1
+    assert all(a >= b for a, b in zip(lrs[4:-1], lrs[5:], strict=True))  # then only down
+    assert lrs[20:] == pytest.approx([0.0, 0.0], abs=1e-12)  # held at 0 after the run
+
+
+def test_peak_memory_sees_a_block_held_during_the_call():
+    import time
+
+    from erm_surgery.methods.ktp.memory import PeakMemory
+
+    with PeakMemory() as peak:
+        block = torch.ones(64 << 20)  # 256 MiB, written, so resident
+        time.sleep(0.1)  # a few of the sampler's 10 ms periods
+        del block
+    assert peak.cuda_peak_mib is None  # a CPU device
+    assert peak.peak_rss_mib - peak.rss_before_mib >= 240
+
+
+def test_ktp_reports_its_peak_memory(mnist_teacher):
+    import psutil
+
+    before = psutil.Process().memory_info().rss / (1 << 20)
+    _, info = _run(mnist_teacher)
+    assert info.cuda_peak_mib is None  # no GPU here
+    # the whole process: at least what it held before the call (the teacher, the data)
+    assert info.peak_rss_mib >= 0.95 * before

@@ -37,6 +37,11 @@ class KTPConfig(Recipe):
             always ``batch_size``).
         min_steps: the fewest optimiser steps (over all epochs) the policy keeps when it
             grows the batch.
+        lr_scaling: how ``lr`` follows the batch the policy takes: ``"sqrt"`` (times
+            ``sqrt(batch / batch_size)``, Adam's rule of thumb) or ``"linear"`` (times
+            ``batch / batch_size``, the SGD rule, usually with ``warmup_steps``).
+        warmup_steps: optimiser steps of a linear learning-rate warmup from 0 before the
+            cosine decay (0 = none; counted per process, like ``min_steps``).
         threshold: a channel is prohibited when a forget class has ``G[c, k] > threshold``
             (0 = the reference code: any use prohibits; the paper defines only 0 and 1).
         distill_on: ``"retain"`` (the student never sees the forget classes, like a
@@ -79,6 +84,8 @@ class KTPConfig(Recipe):
     batch_size: int = 32
     max_batch_size: int = 128
     min_steps: int = 200
+    lr_scaling: str = "sqrt"
+    warmup_steps: int = 0
     threshold: float = 0.0
     distill_on: str = "retain"
     pooled_weight: float = 1.0
@@ -105,6 +112,10 @@ class KTPConfig(Recipe):
         if self.max_batch_size < 1 or self.min_steps < 1:
             raise ValueError(f"max_batch_size and min_steps must be >= 1, got "
                              f"{self.max_batch_size} and {self.min_steps}")
+        if self.lr_scaling not in ("sqrt", "linear"):
+            raise ValueError(f"lr_scaling must be 'sqrt' or 'linear', got {self.lr_scaling!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 or None (a budget from free memory), "
                              f"got {self.cache_bytes}")
@@ -119,14 +130,15 @@ class KTPConfig(Recipe):
 
         ``batch_size`` doubled while the doubled batch stays within ``max_batch_size`` and
         still gives ``epochs * (samples // batch) >= min_steps``; the learning rate grows
-        with the square root of the batch (Adam's rule of thumb; the noise of a gradient
-        falls with the square root of the batch).
+        with the batch as ``lr_scaling`` says (``"sqrt"``: Adam's rule of thumb, the noise
+        of a gradient falls with the square root of the batch).
         """
         batch = self.batch_size
         while (2 * batch <= self.max_batch_size
                and self.epochs * (samples // (2 * batch)) >= self.min_steps):
             batch *= 2
-        return batch, self.lr * math.sqrt(batch / self.batch_size)
+        ratio = batch / self.batch_size
+        return batch, self.lr * (ratio if self.lr_scaling == "linear" else math.sqrt(ratio))
 
     @classmethod
     def paper(cls, **overrides: Any) -> KTPConfig:
@@ -160,6 +172,11 @@ class KTPInfo(MethodInfo):
         cache_bytes: bytes the cache held.
         streamed_batches: distillation batches that recomputed teacher maps (all of them
             without a cache, none when everything fit).
+        peak_rss_mib: the process's peak resident set during the call, MiB (the whole
+            process: the caller's tensors, the teacher, the student and the cache; see
+            :class:`~erm_surgery.methods.ktp.memory.PeakMemory` for how it is measured).
+        cuda_peak_mib: ``torch.cuda.max_memory_allocated`` during the call on a GPU
+            (the peak statistics are reset at the start), None on a CPU.
         not_reinitialised: parameters no ``reset_parameters`` reached.
         config: the recipe, for the record.
     """
@@ -179,5 +196,7 @@ class KTPInfo(MethodInfo):
     cached_samples: int = 0
     cache_bytes: int = 0
     streamed_batches: int = 0
+    peak_rss_mib: float | None = None
+    cuda_peak_mib: float | None = None
     not_reinitialised: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
