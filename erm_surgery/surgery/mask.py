@@ -145,9 +145,11 @@ class ERMMask(nn.Module):
         class look as if it used far more channels than it does (efficientnet_b0, K = 1280:
         394 channels per class, 183 of them below 0.1; with those pruned the prohibited
         accuracy stays 0.0 and the permitted accuracy rises from 0.606 to 0.642, the STD
-        accuracy being 0.644). :class:`~erm_surgery.training.ERMTrainer` calls this at the end
-        of a run's last ERM epoch with ``ERMConfig.prune_below``; a loop of your own can do
-        the same after its last ERM step.
+        accuracy being 0.644). It can also remove a class's real channels: on resnet50
+        (K = 2048) the prohibited accuracy rose from 1.9% to 15% after ``prune_(0.1)``, so
+        measure :func:`~erm_surgery.training.prohibition.prohibition_accuracy` after it.
+        :class:`~erm_surgery.training.ERMTrainer` calls this at the end of a run's last ERM
+        epoch when ``ERMConfig.prune_below > 0`` (default 0: off).
         """
         if not 0.0 <= below < 1.0:
             raise ValueError(f"below must be in [0, 1), got {below}")
