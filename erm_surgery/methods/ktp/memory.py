@@ -3,11 +3,15 @@ allocator peak (what :class:`KTPInfo` reports as ``peak_rss_mib`` / ``cuda_peak_
 
 from __future__ import annotations
 
-import resource
 import sys
 import threading
 
 import torch
+
+try:
+    import resource
+except ImportError:  # Windows: no getrusage, the sampler alone measures the peak
+    resource = None
 
 __all__ = ["PeakMemory"]
 
@@ -20,6 +24,8 @@ SAMPLE_EVERY = 0.01
 def _max_rss() -> int:
     """The process's lifetime peak resident set, bytes (``ru_maxrss``: KiB on Linux,
     bytes on macOS)."""
+    if resource is None:
+        return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
