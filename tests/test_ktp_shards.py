@@ -1,7 +1,10 @@
 """KTP's per-rank teacher cache under two real CPU processes (gloo), issue 18.
 
-``accelerate.debug_launcher`` forks two processes that join one gloo process group
-(``MULTI_CPU``); each runs KTP twice on the same data, once with its shard's teacher maps
+``torchrun --nproc_per_node 2`` runs this file as a script: two fresh processes that join
+one gloo process group (``MULTI_CPU``). Not ``accelerate.debug_launcher``: it forks the
+test process, and a fork of a process whose OpenMP / torch thread pools earlier tests
+started can deadlock in the child (it hung the full suite, while the file alone passed).
+Each rank runs KTP twice on the same data, once with its shard's teacher maps
 cached and once with none (every batch's maps recomputed from its own samples). Equal
 students mean each rank's cache holds the maps of exactly the samples that rank trains
 on: a rank that had cached another shard, or the whole data in another order, would
@@ -9,6 +12,9 @@ read wrong targets and train another student.
 """
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +44,6 @@ def _rank(out: str) -> None:
     from erm_surgery.methods.ktp import KTPConfig, ktp
     from erm_surgery.training import make_accelerator
 
-    # forked from the test process, which may hold a one-process state already
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.set_num_threads(1)
     acc = make_accelerator()
@@ -72,9 +77,12 @@ def _rank(out: str) -> None:
 
 
 def test_each_of_two_real_processes_caches_its_own_shard(tmp_path):
-    from accelerate import debug_launcher
-
-    debug_launcher(_rank, args=(str(tmp_path),), num_processes=2)
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(here.parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(28500 + os.getpid() % 1000), __file__, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     retain = int((_data().tensors[1] != FORGET).sum())
     for r in ranks:
@@ -89,3 +97,7 @@ def test_each_of_two_real_processes_caches_its_own_shard(tmp_path):
         assert r["max_diff_cached_streamed"] < 1e-4
         assert r["equal_across_ranks"]  # DDP kept one student
         assert r["forgotten"] == [FORGET] and not r["predicts_forgotten"]
+
+
+if __name__ == "__main__":  # one rank, under torchrun
+    _rank(sys.argv[1])
