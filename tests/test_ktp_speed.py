@@ -152,10 +152,10 @@ def test_linear_lr_scaling_follows_the_batch_and_bad_settings_are_refused():
 
 
 def _factors(total, warmup):
-    from erm_surgery.methods.ktp.ktp import _warmup_cosine
+    from erm_surgery.training import cosine_schedule
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = _warmup_cosine(opt, total, warmup)
+    sched = cosine_schedule(opt, total, warmup)
     out = []
     for _ in range(total + 2):
         out.append(opt.param_groups[0]["lr"])

@@ -33,13 +33,21 @@ def make_optimizer(cls: type[torch.optim.Optimizer], params: list[torch.Tensor],
         return cls(params, **kwargs)
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay of every group's learning rate from its value to 0 over
-    ``total_steps`` optimiser steps (held at 0 after that)."""
+    ``total_steps`` optimiser steps (held at 0 after that), after an optional linear warmup
+    from 0 over the first ``warmup_steps`` (KTP's large-batch recipe uses one)."""
     total = max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    warmup = min(warmup_steps, total - 1) if total > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = min(step - warmup, total - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass(kw_only=True)

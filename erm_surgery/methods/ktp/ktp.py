@@ -40,6 +40,7 @@ from ...data import batch_statistics, shuffled_loader
 from ...errors import UnlearningError, warn_user
 from ...surgery import ERMModel, attach
 from ...training.checks import NonFiniteWatch
+from ...training.optim import cosine_schedule
 from ...unlearning.registry import register_method
 from ...unlearning.request import check_separation, parse_request, reinitialised, seeded_rng
 from .cache import CACHE_DTYPES, TeacherCache, rank_shard, split_budget
@@ -113,21 +114,6 @@ def _retain_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """Cross-entropy over the samples with a label (-100 = none); 0 for a batch without."""
     loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
     return loss / (labels != -100).sum().clamp_min(1)
-
-
-def _warmup_cosine(optimizer: torch.optim.Optimizer, total: int,
-                   warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 over ``warmup`` scheduler steps, then cosine decay to 0 at
-    ``total`` (without warmup: the cosine schedule :func:`erm_surgery.train` uses)."""
-    warmup = min(warmup, total - 1) if total > 1 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        done = min(step - warmup, total - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * done))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------- KTP
@@ -278,7 +264,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     # a prepared scheduler steps once per process per step (Accelerate's convention for a
     # loader it splits); our shard loader is already one process's part
     per_step = acc.num_processes if sharded else 1
-    sched = _warmup_cosine(opt, max(1, len(loader) * config.epochs * per_step),
+    sched = cosine_schedule(opt, max(1, len(loader) * config.epochs * per_step),
                            config.warmup_steps * per_step)
 
     cache_on = config.cache_teacher
