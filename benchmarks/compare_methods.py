@@ -244,13 +244,17 @@ def verdict_text(r: dict[str, Any]) -> str:
     return f"**{r['verdict']}**" + (f" ({pos:.2f})" if pos is not None else "")
 
 
+def _failed_row(r: dict[str, Any], width: int) -> str:
+    """A method that raised: its name, what it needs and the error, the rest empty."""
+    return f"| {r['method']} | {r['needs']} | failed: {r['error'][:width]} |" + " |" * (NCOLS - 3)
+
+
 def table(rows: list[dict[str, Any]], budget: int) -> list[str]:
     """One seed's table (every cell a value this run measured)."""
     lines = [HEAD, "| " + " | ".join(["---"] * NCOLS) + " |"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['method']} | {r['needs']} | failed: {r['error'][:80]} |"
-                         + " |" * (NCOLS - 3))
+            lines.append(_failed_row(r, 80))
             continue
         ratio = fmt(r["ratio_to_retrain"], digits=2) if r.get("ratio_to_retrain") is not None \
             else "-"
@@ -316,8 +320,7 @@ def merged_table(rows: list[dict[str, Any]], budget: int, seeds: list[int]) -> l
     lines = [HEAD, "| " + " | ".join(["---"] * NCOLS) + " |"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['method']} | {r['needs']} | failed: {r['error'][:120]} |"
-                         + " |" * (NCOLS - 3))
+            lines.append(_failed_row(r, 120))
             continue
         n_ok = len(r["verdicts"])
         name = r["method"] + (f" (seed {', '.join(str(s) for s, _ in r['errors'])} failed)"
