@@ -66,6 +66,10 @@ RECIPES: dict[str, KTPConfig] = {
         batch_size=128, max_batch_size=128, lr=0.02, warmup_steps=10),
     "Adam 0.01, 2 ep, + labels, fixed head, batch 128, warmup 10": KTPConfig(
         batch_size=128, max_batch_size=128, lr=0.01, warmup_steps=10),
+    # issue 18, third round: the default before it took the linear rule (min_steps 200,
+    # sqrt rule, no warmup, the teacher pass in its own layout)
+    "Adam 0.005, 2 ep, + labels, fixed head, batch policy, min_steps 200, sqrt": KTPConfig(
+        min_steps=200, lr_scaling="sqrt", warmup_steps=0, teacher_channels_last=False),
 }
 
 

@@ -45,8 +45,16 @@ RESULTS = Path(__file__).parent / "results"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: KTP before issue 18: batch 32 whatever the data, lr 0.005
 OLD = KTPConfig(batch_size=32, max_batch_size=32, lr=0.005, show_progress=False)
-RECIPES = {"before (batch 32)": OLD,
+RECIPES = {"before (batch 32)": replace(OLD, teacher_channels_last=False),
+           # the default before the linear rule and the NHWC teacher pass (issue 18)
+           "min_steps 200, sqrt, teacher NCHW": KTPConfig(
+               min_steps=200, lr_scaling="sqrt", warmup_steps=0,
+               teacher_channels_last=False, show_progress=False),
            "default": KTPConfig(show_progress=False),
+           "default, teacher NCHW": KTPConfig(teacher_channels_last=False,
+                                              show_progress=False),
+           # the student in NHWC too: timed against a training epoch in NHWC
+           "default, student NHWC": KTPConfig(channels_last=True, show_progress=False),
            "policy, min_steps=100": KTPConfig(min_steps=100, show_progress=False),
            # the best trade-off measured (ktp_batch_warmup/ktp_recipe.md): batch 64 on
            # MNIST-5k's nine cases, lr 0.005 * 64 / 32 with a 20-step warmup
@@ -73,7 +81,8 @@ def render(data: dict) -> list[str]:
           f"`{data.get('command', 'python benchmarks/ktp_speed.py')}` ({data['setting']}).",
           *([data["note"]] if "note" in data else []), "",
           "Training epoch: plain supervised training of the same model on the same retain "
-          "data, batch 128. KTP epoch: the whole `ktp` call (teacher pass included) / its "
+          "data, batch 128, in the student's memory layout (NHWC for the 'student NHWC' "
+          "recipe, else NCHW). KTP epoch: the whole `ktp` call (teacher pass included) / its "
           "epochs. CPU seconds of this process; ratio = KTP / training (wall ratio in "
           "brackets). Memory: peak resident set during the call and its rise over the "
           "set before it, MiB.", "",
@@ -153,15 +162,18 @@ def main() -> None:
                 G.zero_()
                 for c in range(G.shape[0]):
                     G[c, own * c:own * (c + 1)] = 1.0
-        plain = fresh(name, args.seed + 1)
-        with Clock() as clock, PeakMemory(DEVICE) as peak, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "classes [3] have no samples": on purpose
-            erm_surgery.train(plain, retain, epochs=args.train_epochs, config=STD_ONLY,
-                              seed=args.seed, show_progress=False)
-        train_row = {"cpu_s_per_epoch": clock.cpu / args.train_epochs,
-                     "wall_s_per_epoch": clock.wall / args.train_epochs, **_memory(peak)}
-        del plain
-        print(json.dumps({"model": name, "train": train_row}), flush=True)
+        train_rows = {}
+        for nhwc in sorted({r.channels_last for r in recipes.values()}):
+            plain = fresh(name, args.seed + 1)
+            with Clock() as clock, PeakMemory(DEVICE) as peak, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "classes [3] have no samples": on purpose
+                erm_surgery.train(plain, retain, epochs=args.train_epochs, config=STD_ONLY,
+                                  seed=args.seed, show_progress=False, channels_last=nhwc)
+            train_rows[nhwc] = {"cpu_s_per_epoch": clock.cpu / args.train_epochs,
+                                "wall_s_per_epoch": clock.wall / args.train_epochs,
+                                "channels_last": nhwc, **_memory(peak)}
+            del plain
+            print(json.dumps({"model": name, "train": train_rows[nhwc]}), flush=True)
         for label, recipe in recipes.items():
             config = replace(recipe, seed=args.seed)
             with warnings.catch_warnings():  # entanglement warnings: expected here
@@ -171,9 +183,12 @@ def main() -> None:
             report = evaluate(student, forget, train_set, test_set, original=teacher,
                               metrics=("accuracy",))
             acc = report.accuracy
+            train_row = train_rows[config.channels_last]
             row = {"model": name, "teacher_epochs": epochs, "recipe": label,
                    "train_samples": n, "retain_samples": len(retain), "hand_g": hand_g,
                    "batch_size": info.batch_size, "lr": info.lr,
+                   "warmup_steps": info.warmup_steps,
+                   "teacher_channels_last": info.teacher_channels_last,
                    "ktp_epochs": info.epochs, "samples": info.samples,
                    "steps": info.steps, "cached_samples": info.cached_samples,
                    "cache_mib": info.cache_bytes / (1 << 20),

@@ -6,6 +6,7 @@ from torch.utils.data import Subset
 
 from erm_surgery.methods.ktp import KTPConfig, ktp
 from erm_surgery.methods.ktp.cache import rank_shard
+from erm_surgery.methods.ktp.layout import channels_last_weights
 
 # a few steps on a slice of the session teacher's digits: enough to tell students apart
 SMALL = dict(show_progress=False, epochs=1, batch_size=32, seed=3)
@@ -124,7 +125,8 @@ def test_each_rank_caches_its_own_shard_and_streaming_it_changes_nothing(mnist_t
 
 
 def test_the_batch_grows_with_the_data_and_keeps_enough_steps():
-    config = KTPConfig(batch_size=32, max_batch_size=128, min_steps=100, epochs=2, lr=0.004)
+    config = KTPConfig(batch_size=32, max_batch_size=128, min_steps=100, epochs=2, lr=0.004,
+                       lr_scaling="sqrt")
     assert config.batch_for(1800) == (32, 0.004)  # 2 * 1800 // 64 = 56 steps: too few
     batch, lr = config.batch_for(3600)
     assert batch == 64 and lr == pytest.approx(0.004 * 2 ** 0.5)
@@ -135,9 +137,13 @@ def test_the_batch_grows_with_the_data_and_keeps_enough_steps():
     fixed = KTPConfig(batch_size=32, max_batch_size=32)
     assert fixed.batch_for(50_000) == (32, fixed.lr)
     assert KTPConfig.paper().batch_for(50_000)[0] == 32  # the reference recipe's batch
-    # the default keeps 200 steps: batch 32 on MNIST-5k's retain data, 64 from 6,400
-    assert KTPConfig().batch_for(3588) == (32, KTPConfig().lr)
-    assert [KTPConfig().batch_for(n)[0] for n in (6399, 6400, 12800)] == [32, 64, 128]
+    # the default keeps 100 steps and scales lr linearly: batch 64 (lr 0.01, a 20-step
+    # warmup) on MNIST-5k's 3,588 retain digits, 32 (no warmup) below 3,200, 128 from 6,400
+    default = KTPConfig()
+    assert default.batch_for(3588) == (64, pytest.approx(2 * default.lr))
+    assert [default.batch_for(n)[0] for n in (3199, 3200, 6399, 6400)] == [32, 64, 64, 128]
+    assert default.warmup_for(64) == 20 and default.warmup_for(32) == 0
+    assert KTPConfig(warmup_steps=5).warmup_for(32) == 5  # an explicit warmup always runs
 
 
 def test_linear_lr_scaling_follows_the_batch_and_bad_settings_are_refused():
@@ -201,3 +207,63 @@ def test_ktp_reports_its_peak_memory(mnist_teacher):
     assert info.cuda_peak_mib is None  # no GPU here
     # the whole process: at least what it held before the call (the teacher, the data)
     assert info.peak_rss_mib >= 0.95 * before
+
+
+def test_the_teacher_pass_runs_in_nhwc_and_leaves_the_teacher_as_it_was(mnist_teacher):
+    teacher = mnist_teacher.model
+    before = {k: (t.data_ptr(), t.stride()) for k, t in teacher.state_dict().items()}
+    nhwc, info = _run(mnist_teacher)
+    assert info.teacher_channels_last
+    after = {k: (t.data_ptr(), t.stride()) for k, t in teacher.state_dict().items()}
+    assert after == before  # the very tensors, in their own layout
+    own, own_info = _run(mnist_teacher, teacher_channels_last=False)
+    assert not own_info.teacher_channels_last
+    # the layout changes the speed, not the targets: the cached maps agree to float noise
+    from erm_surgery.methods.ktp.cache import TeacherCache
+
+    data, keep = _data(mnist_teacher), teacher.erm.keep_mask([3], 0.0).float().view(1, -1, 1, 1)
+    positions = list(range(len(data)))
+    teacher.eval()
+    plain = TeacherCache(teacher, keep, data, positions, torch.device("cpu"), (1 << 30, 0))
+    with channels_last_weights(teacher):
+        fast = TeacherCache(teacher, keep, data, positions, torch.device("cpu"), (1 << 30, 0),
+                            channels_last=True)
+    assert fast.cached == plain.cached == len(data)
+    assert torch.allclose(fast.dev, plain.dev, atol=1e-5)
+    # (the students differ by more: Adam's normalised steps carry that noise into the
+    # weights over the run, as any change of convolution algorithm does)
+    assert abs(info.final_mse - own_info.final_mse) < 0.05 * own_info.final_mse
+
+
+class _NoNHWC(torch.nn.Module):
+    """A CNN whose forward flattens a map with ``.view``: NHWC tensors are refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(2, 8, 3, padding=1)  # 2: a 1-channel weight is NHWC already
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = x.view(x.size(0), -1).view_as(x)
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_teacher_that_refuses_nhwc_runs_in_its_own_layout():
+    import erm_surgery
+
+    torch.manual_seed(0)
+    teacher = erm_surgery.attach(_NoNHWC())
+    with torch.no_grad():  # a hand-separated G: channel c is class c's
+        teacher.erm.G.zero_()
+        for c in range(10):
+            teacher.erm.G[c, c] = 1.0
+    x = torch.randn(64, 2, 8, 8)
+    with channels_last_weights(teacher), pytest.raises(RuntimeError, match="view"):
+        teacher.forward_features(x)
+    data = torch.utils.data.TensorDataset(x, torch.arange(64) % 10)
+    student, info = ktp(teacher, [3], data, config=KTPConfig(**SMALL))
+    assert not info.teacher_channels_last and info.steps == 1
+    assert all(p.is_contiguous() for p in teacher.parameters())

@@ -97,6 +97,8 @@ class TeacherCache:
         batch_size: batch of the teacher pass.
         num_workers: its DataLoader workers.
         progress: a tqdm bar updated per teacher-pass batch, or None.
+        channels_last: feed the teacher NHWC batches (its weights are NHWC:
+            :func:`.layout.teacher_in_channels_last`).
 
     Attributes:
         cached: samples cached; ``on_device`` of them on the device, the rest on the host.
@@ -107,8 +109,9 @@ class TeacherCache:
     def __init__(self, teacher: nn.Module, keep_map: torch.Tensor, distill_set: Dataset,
                  positions: Sequence[int], device: torch.device, budget: tuple[int, int],
                  dtype: torch.dtype = torch.float32, batch_size: int = 64,
-                 num_workers: int = 0, progress=None) -> None:
+                 num_workers: int = 0, progress=None, channels_last: bool = False) -> None:
         self.teacher, self.keep_map, self.device = teacher, keep_map, device
+        self.channels_last = channels_last
         self.streamed_batches = 0
         n_total = len(distill_set)  # type: ignore[arg-type]
         dev_budget, host_budget = budget
@@ -118,7 +121,7 @@ class TeacherCache:
         else:
             with torch.no_grad():  # one sample: the map's shape and dtype
                 x0 = distill_set[positions[0]][0].unsqueeze(0).to(device)
-                probe = teacher.forward_features(x0)
+                probe = self._maps(x0)
             self.shape, self.out_dtype = probe.shape[1:], probe.dtype
         per = max(1, math.prod(self.shape) * torch.empty((), dtype=dtype).element_size())
         self.on_device = min(len(positions), max(0, dev_budget) // per)
@@ -151,7 +154,7 @@ class TeacherCache:
         with torch.no_grad():
             for x, *_ in DataLoader(Subset(distill_set, list(positions)),
                                     batch_size=batch_size, num_workers=num_workers):
-                maps = self.teacher.forward_features(x.to(self.device)) * self.keep_map
+                maps = self._maps(x.to(self.device))
                 end = start + maps.shape[0]
                 d_end = min(end, self.on_device)
                 if d_end > start:
@@ -164,13 +167,20 @@ class TeacherCache:
                 if progress is not None:
                     progress.update(1)
 
+    def _maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The masked teacher maps of a batch (call under ``no_grad``), in the storage
+        layout of the default one, so cached and streamed targets look alike."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self.teacher.forward_features(x) * self.keep_map).contiguous()
+
     def targets(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The masked teacher maps of the batch ``x`` (its dataset positions
         ``positions``): cached ones read, the others computed now under ``no_grad``."""
         if self.cached == 0:  # nothing cached: the whole batch through the teacher
             self.streamed_batches += 1
             with torch.no_grad():
-                return self.teacher.forward_features(x) * self.keep_map
+                return self._maps(x)
         slot = self.slot[positions.to(self.slot.device)]
         if self._all_on_device:  # the common case, without a host sync
             return self.dev[slot].to(self.out_dtype)
@@ -186,6 +196,5 @@ class TeacherCache:
         if bool(streamed.any()):
             self.streamed_batches += 1
             with torch.no_grad():
-                out[streamed] = (self.teacher.forward_features(x[streamed])
-                                 * self.keep_map).to(self.out_dtype)
+                out[streamed] = self._maps(x[streamed]).to(self.out_dtype)
         return out

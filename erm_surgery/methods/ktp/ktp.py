@@ -46,6 +46,7 @@ from ...unlearning.request import check_separation, parse_request, reinitialised
 from .cache import CACHE_DTYPES, TeacherCache, rank_shard, split_budget
 from .config import KTPConfig, KTPInfo
 from .fkt import head_layers, transfer_head
+from .layout import teacher_in_channels_last, to_channels_last
 from .memory import PeakMemory
 
 __all__ = ["ktp"]
@@ -140,8 +141,9 @@ def ktp(
     from ...training import make_accelerator
 
     acc = accelerator or make_accelerator()
-    with seeded_rng(config.seed), _restored(model), PeakMemory(acc.device) as peak:
-        s, info = _ktp(model, classes, data, config, acc, student)
+    with (seeded_rng(config.seed), _restored(model), PeakMemory(acc.device) as peak,
+          contextlib.ExitStack() as teacher_layout):
+        s, info = _ktp(model, classes, data, config, acc, student, teacher_layout)
     info.peak_rss_mib, info.cuda_peak_mib = peak.peak_rss_mib, peak.cuda_peak_mib
     return s, info
 
@@ -164,7 +166,9 @@ def _restored(teacher: nn.Module) -> Iterator[None]:
 
 def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
          config: KTPConfig, accelerator: Any, student: nn.Module | None,
-         ) -> tuple[ERMModel, KTPInfo]:
+         teacher_layout: contextlib.ExitStack) -> tuple[ERMModel, KTPInfo]:
+    """The request; ``teacher_layout`` holds the teacher's NHWC weights until the caller's
+    block ends (the original tensors are put back then)."""
     from tqdm.auto import tqdm
 
     request = parse_request(model, classes, data, require_attached=True)
@@ -218,11 +222,20 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     shape = [1, 1, 1, 1]
     shape[cd] = keep.numel()
     keep_map = keep_f.view(shape)
+
+    def one_sample() -> None:
+        with torch.no_grad():
+            teacher.forward_features(to_channels_last(dataset[idx[0]][0].unsqueeze(0)).to(
+                device))
+
+    nhwc = bool(idx) and teacher_layout.enter_context(teacher_in_channels_last(
+        teacher, config.teacher_channels_last, one_sample))
     if teacher.has_head_graph and request.forget_idx:
         # cheap (<= 256 samples, one feature pass): does the teacher's G prohibit the class?
         with torch.no_grad():
             sample = request.forget_idx[:256]
             x = torch.stack([dataset[i][0] for i in sample]).to(device)
+            x = to_channels_last(x) if nhwc else x
             y = request.labels[torch.as_tensor(sample, dtype=torch.long)].to(device)
             kept = teacher.forward_head(teacher.forward_features(x) * keep_map)
             left = float((kept.argmax(1) == y).float().mean())
@@ -265,7 +278,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     # loader it splits); our shard loader is already one process's part
     per_step = acc.num_processes if sharded else 1
     sched = cosine_schedule(opt, max(1, len(loader) * config.epochs * per_step),
-                           config.warmup_steps * per_step)
+                           config.warmup_for(batch_size) * per_step)
 
     cache_on = config.cache_teacher
     if cache_on is None:
@@ -282,7 +295,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     teacher_maps = TeacherCache(teacher, keep_map, distill_set, positions, device, budget,
                                 dtype=CACHE_DTYPES[config.cache_dtype],
                                 batch_size=pass_batch, num_workers=config.num_workers,
-                                progress=progress)
+                                progress=progress, channels_last=nhwc)
 
     if config.channels_last:
         s.to(memory_format=torch.channels_last)
@@ -347,7 +360,8 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         channels_per_forget_class=per_forget, retain_channels_lost=lost,
         distill_on=config.distill_on, epochs=config.epochs, samples=len(distill_set),
         final_mse=float(last),
-        batch_size=batch_size, lr=lr, steps=steps, cached_samples=teacher_maps.cached,
+        batch_size=batch_size, lr=lr, warmup_steps=config.warmup_for(batch_size),
+        teacher_channels_last=nhwc, steps=steps, cached_samples=teacher_maps.cached,
         cache_bytes=teacher_maps.nbytes,
         streamed_batches=teacher_maps.streamed_batches,
         not_reinitialised=same,

@@ -1,0 +1,65 @@
+"""The teacher pass in channels-last (NHWC) memory layout, without changing the teacher.
+
+The teacher only runs forward without gradients during KTP, and oneDNN's and cuDNN's
+convolutions are faster on NHWC tensors: measured on a 2-core CPU at 32 px, one thread, a
+no-grad forward of 256 digits took 0.33x (efficientnet_b0), 0.46x (resnet18), 0.61x
+(test_resnet), 0.68x (convnext_atto) and 0.72x (resnet50) of its time in the default
+layout. Converting only the input does not help (a one-channel image is the same in both
+layouts), so the teacher's 4-D weights are converted for the call and the original
+tensors put back afterwards: the caller's model ends with the same tensors it started
+with, values and layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from itertools import chain
+
+import torch
+from torch import nn
+
+__all__ = ["channels_last_weights", "teacher_in_channels_last", "to_channels_last"]
+
+
+@contextlib.contextmanager
+def channels_last_weights(module: nn.Module) -> Iterator[None]:
+    """``module``'s 4-D parameters and buffers in NHWC inside the block, the original
+    tensors restored when it ends (however it ends). Only for blocks that do not update
+    the weights: an update inside would be made on the copies and dropped."""
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for t in chain(module.parameters(), module.buffers()):
+                if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                    swapped.append((t, t.data))
+                    t.data = t.data.contiguous(memory_format=torch.channels_last)
+        yield
+    finally:
+        for t, original in swapped:
+            t.data = original
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """An image batch (4-D) in NHWC; anything else unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@contextlib.contextmanager
+def teacher_in_channels_last(teacher: nn.Module, enabled: bool,
+                             check: Callable[[], object]) -> Iterator[bool]:
+    """The teacher in NHWC for the block when ``enabled`` and ``check()`` (a forward of a
+    sample) runs in that layout; yields whether it does. A model whose forward cannot take
+    NHWC tensors (a ``.view`` on a map, say) runs in its own layout instead."""
+    if not enabled:
+        yield False
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(channels_last_weights(teacher))
+        try:
+            check()
+        except RuntimeError:
+            stack.close()  # its own layout back before the block runs
+            yield False
+            return
+        yield True
