@@ -5,6 +5,9 @@
 #    channels_last, every default model, 2 seeds, with the plain-training reference;
 # 2. benchmarks/unlearn_vs_retrain.py on resnet18 and resnet50. That script has no size /
 #    precision flags: it runs at 32 px in fp32 (its own defaults).
+# 3. benchmarks/ktp_speed.py (issue 18): a KTP epoch against a training epoch on the GPU,
+#    the default and the pre-issue-18 recipe, and the NHWC student against NHWC training
+#    (fp32, 32 px; CUDA peak memory in its table).
 # Everything lands in benchmarks/results/gpu/ (one folder per run, logs next to results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +28,7 @@ for model in resnet18 resnet50; do
   "$PYTHON" benchmarks/unlearn_vs_retrain.py --model "$model" --epochs 16 --threads 8 \
       --out "$OUT/unlearn_vs_retrain_$model" 2>&1 | tee "$OUT/unlearn_vs_retrain_$model.log"
 done
+"$PYTHON" benchmarks/ktp_speed.py --models test_resnet,resnet18,resnet50 \
+    --epochs test_resnet=16,resnet18=8,resnet50=8 --train-epochs 2 --threads 8 \
+    --recipes "min_steps 200;default" --out "$OUT" --name ktp_speed 2>&1 | tee "$OUT/ktp_speed.log"
 echo "results in $OUT"
