@@ -95,9 +95,19 @@ def run_one(name: str, args, train_set, test_set) -> dict:
     report = erm_surgery.evaluate(student, args.forget, train_set, test_set, original=model,
                                   retrained=retrained, metrics=["accuracy", "probe", "fewshot"])
     row["report"] = report.to_dict()
-    row["verdict"] = str(getattr(report, "verdict", None))
+    verdict = getattr(report, "verdict", None)
+    row["verdict"] = (None if verdict is None
+                      else {"status": verdict.status, "reason": verdict.reason})
     print("   KTP:", {k: v for k, v in row.items() if k != "report"}, flush=True)
     return row
+
+
+def verdict_line(row: dict) -> str:
+    """One sentence: the evaluation's verdict on the student and why."""
+    verdict = row.get("verdict")
+    if not verdict:
+        return f"{row['model']}: no verdict (no retrained reference)"
+    return f"{row['model']}: verdict **{verdict['status']}**: {verdict['reason']}."
 
 
 def to_markdown(rows, argv, args) -> str:
@@ -120,7 +130,7 @@ def to_markdown(rows, argv, args) -> str:
             f"{r['student_retain']:.3f} / {r['original_retain']:.3f} / "
             f"{r['retrained_retain']:.3f} | {r['time_ratio']:.2f} |")
     for r in rows:
-        lines += ["", f"{r['model']}: verdict {r['verdict']}"]
+        lines += ["", verdict_line(r)]
     return "\n".join(lines) + "\n"
 
 
