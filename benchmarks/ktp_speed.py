@@ -112,7 +112,8 @@ def main() -> None:
                         help="epochs of the timed training run")
     parser.add_argument("--forget", default="3")
     parser.add_argument("--recipes", default="",
-                        help="';'-separated substrings of RECIPES names (default: all)")
+                        help="';'-separated RECIPES names (exact) or substrings of them "
+                             "(default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", default="",
@@ -136,7 +137,9 @@ def main() -> None:
     teacher_epochs = {k: int(v) for k, v in (p.split("=") for p in args.epochs.split(","))}
     forget = [int(c) for c in args.forget.split(",")]
     wanted = [w for w in args.recipes.split(";") if w]
-    recipes = {k: v for k, v in RECIPES.items() if not wanted or any(w in k for w in wanted)}
+    # a recipe's full name selects it alone; any other string, every name containing it
+    recipes = {k: v for k, v in RECIPES.items()
+               if not wanted or k in wanted or any(w in k for w in wanted if w not in RECIPES)}
     samples = {k: int(v) for k, v in (p.split("=") for p in args.samples.split(",") if p)}
     all_train, test_set = load_mnist5k()
     args.out.mkdir(parents=True, exist_ok=True)
