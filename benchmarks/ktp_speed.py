@@ -55,7 +55,6 @@ RECIPES = {"before (batch 32)": replace(OLD, teacher_channels_last=False),
                                               show_progress=False),
            # the student in NHWC too: timed against a training epoch in NHWC
            "default, student NHWC": KTPConfig(channels_last=True, show_progress=False),
-           "policy, min_steps=100": KTPConfig(min_steps=100, show_progress=False),
            # the best trade-off measured (ktp_batch_warmup/ktp_recipe.md): batch 64 on
            # MNIST-5k's nine cases, lr 0.005 * 64 / 32 with a 20-step warmup
            "batch 64, linear lr, warmup 20": KTPConfig(min_steps=64, max_batch_size=64,

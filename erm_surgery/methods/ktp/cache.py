@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .layout import to_channels_last
+
 __all__ = ["CACHE_DTYPES", "TeacherCache", "default_budget", "rank_shard", "split_budget"]
 
 #: the ``KTPConfig.cache_dtype`` names and their dtypes
@@ -170,8 +172,8 @@ class TeacherCache:
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         """The masked teacher maps of a batch (call under ``no_grad``), in the storage
         layout of the default one, so cached and streamed targets look alike."""
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last:
+            x = to_channels_last(x)
         return (self.teacher.forward_features(x) * self.keep_map).contiguous()
 
     def targets(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
