@@ -94,6 +94,50 @@ def test_mobilenetv3_head_conv_after_pooling_is_part_of_the_head():
     assert attached.surgery.head_modules[0] == "conv_head"
 
 
+class _FlatNormHead(nn.Module):
+    """pool -> flatten -> LayerNorm -> linear: the norm's output is 2-D, nothing to mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.norm(torch.relu(self.conv(x)).mean((2, 3))))
+
+
+@pytest.mark.parametrize("source,name,node", [("timm", "convnext_atto", "permute_33"),
+                                              ("tv", "convnext_tiny", "permute_7")])
+def test_convnext_mask_sits_after_the_head_layernorm(source, name, node):
+    model = (timm.create_model(name, num_classes=10) if source == "timm"
+             else getattr(torchvision.models, name)(num_classes=10)).eval()
+    attached = E.attach(model).eval()
+    info = attached.surgery
+    assert info.feature_node == node and info.feature_shape[1:] == (1, 1)
+    assert len(info.head_modules) == 1  # the norm is before the mask now: only the linear
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(attached(x), model(x))  # the plain path is unchanged
+        feats = attached.forward_features(x)
+        keep = torch.ones(info.num_channels)
+        keep[:5] = 0
+        # a prohibited channel is 0 where the classifier reads it: nothing re-normalises it
+        masked = E.surgery.apply_channel_mask(feats, keep.view(1, -1, 1, 1), info.channel_dim)
+        linear = attached.get_submodule(f"model.{info.head}")
+        expected = linear(masked.flatten(1))
+        assert torch.allclose(attached.forward_head(masked), expected, atol=1e-5)
+
+
+def test_a_head_holding_the_norm_or_a_flat_norm_keeps_the_map():
+    convnext = timm.create_model("test_convnext", num_classes=10)
+    assert E.attach(convnext).surgery.feature_shape[1:] == (1, 1)
+    whole_head = E.attach(convnext, head="head").surgery  # the container holds head.norm
+    assert whole_head.feature_node == "norm_pre" and "head.norm" in whole_head.head_modules
+    flat = E.attach(_FlatNormHead(), input_size=(3, 16, 16)).surgery
+    assert flat.feature_shape == (16, 16, 16)
+
+
 def test_channels_last_feature_map_is_masked_on_the_last_dim():
     attached = E.attach(timm.create_model("test_mambaout", num_classes=10)).eval()
     assert attached.surgery.channel_dim == 3

@@ -330,3 +330,51 @@ def test_two_digit_mnist_has_100_real_classes():
     assert torch.equal(again[0].tensors[0], x)  # a fixed seed
     with pytest.raises(ValueError, match="per_class_train"):
         load_two_digit_mnist(per_class_train=0)
+
+
+# ------------------------------------------------------- the default optimiser by family
+
+
+class _LayerNormAndBatchNorm(torch.nn.Module):
+    """A CNN with both norms: BatchNorm decides (the rule is LayerNorm *only*)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.ln = torch.nn.LayerNorm(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.ln(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+
+
+def test_the_default_optimiser_follows_the_model_family():
+    from erm_surgery.training.optim import default_optimizer
+
+    convnext = timm.create_model("test_convnext", num_classes=10, in_chans=1)
+    assert default_optimizer(convnext).name == "adamw"  # LayerNorm only: SGD collapses it
+    for model in (timm.create_model("test_resnet", num_classes=10, in_chans=1),
+                  timm.create_model("test_efficientnet", num_classes=10, in_chans=1),
+                  _LayerNormAndBatchNorm()):
+        assert default_optimizer(model).name == "sgd"
+
+
+def test_train_builds_the_family_optimiser_and_says_which(mnist_small):
+    data = Subset(mnist_small[0], range(64))
+    torch.manual_seed(0)
+    convnext = E.attach(timm.create_model("test_convnext", num_classes=10, in_chans=1))
+    result = train(convnext, data, epochs=1, show_progress=False)
+    assert result.optimizer.startswith("adamw lr=0.002 weight_decay=0.05 (default:")
+    assert json.loads(result.to_json())["optimizer"] == result.optimizer
+    with pytest.warns(UserWarning, match="lr=0.05 goes to adamw"):  # an SGD value
+        train(convnext, data, epochs=1, show_progress=False, lr=0.05)
+    # lr= and weight_decay= still set the default optimiser's values
+    result = train(convnext, data, epochs=1, show_progress=False, lr=0.01, weight_decay=0.0)
+    assert result.optimizer.startswith("adamw lr=0.01 weight_decay=0 ")
+    resnet = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1))
+    assert train(resnet, data, epochs=1, show_progress=False).optimizer.startswith(
+        "sgd lr=0.05 weight_decay=0.0005 ")
+    own = torch.optim.SGD([p for p in resnet.model.parameters()], lr=0.01)
+    assert train(resnet, data, epochs=1, show_progress=False,
+                 optimizer=own).optimizer == "SGD (the caller's)"

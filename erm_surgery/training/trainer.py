@@ -42,7 +42,7 @@ from . import g_metrics as metrics
 from .checks import NonFiniteWatch, check_training_data
 from .health import WEAK_PROHIBITION, ERMHealth, erm_health
 from .losses import ERMConfig, erm_loss, is_erm_epoch
-from .optim import cosine_schedule, make_optimizer
+from .optim import DefaultOptimizer, cosine_schedule, default_optimizer
 
 __all__ = ["EpochStats", "TrainResult", "ERMHealth", "erm_health", "ERMTrainer", "train",
            "make_accelerator", "std_accuracy", "caller_state_kept", "TrainingData"]
@@ -84,10 +84,13 @@ class TrainResult:
     history: list[EpochStats] = field(default_factory=list)
     config: ERMConfig = field(default_factory=ERMConfig)
     health: ERMHealth | None = None
+    #: the weights' optimiser: the default's choice and why, or the caller's class name
+    optimizer: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "history": [asdict(h) for h in self.history],
-                "health": asdict(self.health) if self.health is not None else None}
+                "health": asdict(self.health) if self.health is not None else None,
+                "optimizer": self.optimizer}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -231,8 +234,8 @@ class ERMTrainer:
         config: ERMConfig | None = None,
         accelerator: Any = None,
         batch_size: int = 128,
-        lr: float = 0.05,
-        weight_decay: float = 5e-4,
+        lr: float | None = None,
+        weight_decay: float | None = None,
         mixed_precision: str = "no",
         gradient_accumulation_steps: int = 1,
         seed: int = 0,
@@ -257,7 +260,7 @@ class ERMTrainer:
         if checkpoint_every and output_dir is None:
             raise ValueError("checkpoint_every needs output_dir= to write checkpoints to")
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            if not math.isfinite(float(value)):
+            if value is not None and not math.isfinite(float(value)):
                 raise ValueError(f"{name} must be a finite number, got {value}")
         # labels, emptiness, one-sample batches: refused before anything is changed
         self._check_first_batch = check_training_data(model, train_data, val_data)
@@ -301,11 +304,26 @@ class ERMTrainer:
                 as_dataset(val_data), batch_size=batch_size * 2, num_workers=num_workers)
 
         G = model.erm.G
+        #: the default optimiser's choice (None when the caller passed one)
+        self.default_optimizer: DefaultOptimizer | None = None
         if optimizer is None:
             params = [p for p in model.model.parameters() if p.requires_grad]
-            optimizer = make_optimizer(torch.optim.SGD, params, lr=lr, momentum=0.9,
-                                       nesterov=True, weight_decay=weight_decay)
-        elif any(p is G for group in optimizer.param_groups for p in group["params"]):
+            self.default_optimizer = default_optimizer(model.model)
+            choice = self.default_optimizer
+            if lr is not None and choice.name != "sgd" and lr > 5 * choice.lr:
+                # lr=0.05 is an SGD value (train()'s default before the family rule)
+                warn_user(
+                    f"lr={lr:g} goes to {choice.name} ({choice.reason}), whose own default "
+                    f"is {choice.lr:g}: a learning rate this high may diverge. Omit lr= for "
+                    f"{choice.name}'s, or pass optimizer= to choose the optimiser")
+            optimizer = choice.build(params, lr, weight_decay)
+            group = optimizer.param_groups[0]
+            self._optimizer_summary = (
+                f"{self.default_optimizer.name} lr={group['lr']:g} weight_decay="
+                f"{group['weight_decay']:g} (default: {self.default_optimizer.reason})")
+        else:
+            self._optimizer_summary = f"{type(optimizer).__name__} (the caller's)"
+        if any(p is G for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("leave model.erm.G out of optimizer=: G has its own optimiser "
                              "(ERMConfig.g_lr), stepped only on ERM epochs")
         steps_per_epoch = math.ceil(len(train_loader) / gradient_accumulation_steps)
@@ -554,7 +572,7 @@ class ERMTrainer:
                     "Train more epochs, keep ERMConfig.lambda4 > 0 (the prohibition term), "
                     "or check erm_surgery.prohibition_accuracy per class")
         result = TrainResult(model=model, history=self.history, config=self.config,
-                             health=health)
+                             health=health, optimizer=self._optimizer_summary)
         if self.output_dir is not None and acc.is_main_process:
             atomic_write(self.output_dir / "history.json",
                          lambda tmp: Path(tmp).write_text(result.to_json()))
@@ -574,8 +592,8 @@ def train(
     accelerator: Any = None,
     resume_from: str | os.PathLike | None = None,
     batch_size: int = 128,
-    lr: float = 0.05,
-    weight_decay: float = 5e-4,
+    lr: float | None = None,
+    weight_decay: float | None = None,
     mixed_precision: str = "no",
     gradient_accumulation_steps: int = 1,
     seed: int = 0,
@@ -599,8 +617,12 @@ def train(
             ``resume_from`` continues exactly.
         epochs: total number of epochs; the ERM/STD schedule comes from ``config``.
         val_data: optional data for the STD-path validation accuracy of every epoch.
-        optimizer: for the weights (default SGD, momentum 0.9, nesterov, ``lr``,
-            ``weight_decay``); must not contain ``G``, which has its own Adam.
+        optimizer: for the weights; must not contain ``G``, which has its own Adam.
+            Default: :func:`~erm_surgery.training.optim.default_optimizer` by the model's
+            family: SGD (momentum 0.9, nesterov, lr 0.05, weight decay 5e-4) for
+            BatchNorm CNNs, AdamW (lr 2e-3, weight decay 0.05) for LayerNorm-only ones
+            such as ConvNeXt, on which SGD collapses (docs/training.md).
+            ``TrainResult.optimizer`` says which.
         scheduler: stepped once per optimizer step (default: cosine to 0 over the run).
         config: :class:`ERMConfig` (loss weights, density target, schedule, projection).
         accelerator: an ``accelerate.Accelerator``; default: one made by
@@ -608,8 +630,9 @@ def train(
             ``gradient_accumulation_steps``.
         resume_from: a checkpoint folder written by an earlier run (``output_dir/checkpoint``).
         batch_size: minibatch size of a Dataset's loader (validation: twice that).
-        lr: learning rate of the default optimiser.
-        weight_decay: weight decay of the default optimiser.
+        lr: learning rate of the default optimiser (None = its own: 0.05 SGD, 2e-3 AdamW).
+        weight_decay: weight decay of the default optimiser (None = its own: 5e-4 SGD,
+            0.05 AdamW).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` for the default accelerator.
         gradient_accumulation_steps: for the default accelerator.
         seed: seeds the run (data order, initial random state).

@@ -66,10 +66,11 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> argparse.Arg
                    help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="N",
                    help="batch size (per process)")
-    p.add_argument("--lr", type=positive_float, default=0.05, metavar="LR",
-                   help="SGD learning rate, cosine schedule to 0")
-    p.add_argument("--weight-decay", type=float, default=5e-4, metavar="WD",
-                   help="SGD weight decay")
+    p.add_argument("--lr", type=positive_float, metavar="LR",
+                   help="learning rate, cosine schedule to 0 (default: the model family's: "
+                   "SGD 0.05 for BatchNorm CNNs, AdamW 2e-3 for LayerNorm ones)")
+    p.add_argument("--weight-decay", type=float, metavar="WD",
+                   help="weight decay (default: SGD 5e-4, AdamW 0.05)")
     p.add_argument("--erm-every", type=positive_int, metavar="N",
                    help="one ERM epoch every N epochs (default: 2, alternate)")
     p.add_argument("--warmup-epochs", type=nonneg_int, metavar="N",
