@@ -70,6 +70,9 @@ RECIPES: dict[str, KTPConfig] = {
     # sqrt rule, no warmup, the teacher pass in its own layout)
     "Adam 0.005, 2 ep, + labels, fixed head, batch policy, min_steps 200, sqrt": KTPConfig(
         min_steps=200, lr_scaling="sqrt", warmup_steps=0, teacher_channels_last=False),
+    # issue 18, fourth round: the teacher pass in float32 (the default before
+    # teacher_precision="auto" took bfloat16 autocast on CPUs and GPUs fast at it)
+    "KTPConfig(), teacher pass float32": KTPConfig(teacher_precision="float32"),
 }
 
 

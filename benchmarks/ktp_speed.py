@@ -45,14 +45,19 @@ RESULTS = Path(__file__).parent / "results"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: KTP before issue 18: batch 32 whatever the data, lr 0.005
 OLD = KTPConfig(batch_size=32, max_batch_size=32, lr=0.005, show_progress=False)
-RECIPES = {"before (batch 32)": replace(OLD, teacher_channels_last=False),
+RECIPES = {"before (batch 32)": replace(OLD, teacher_channels_last=False,
+                                       teacher_precision="float32"),
            # the default before the linear rule and the NHWC teacher pass (issue 18)
            "min_steps 200, sqrt, teacher NCHW": KTPConfig(
                min_steps=200, lr_scaling="sqrt", warmup_steps=0,
-               teacher_channels_last=False, show_progress=False),
+               teacher_channels_last=False, teacher_precision="float32",
+               show_progress=False),
            "default": KTPConfig(show_progress=False),
            "default, teacher NCHW": KTPConfig(teacher_channels_last=False,
                                               show_progress=False),
+           # the default before teacher_precision="auto" (bfloat16 where fast)
+           "default, teacher float32": KTPConfig(teacher_precision="float32",
+                                                 show_progress=False),
            # the student in NHWC too: timed against a training epoch in NHWC
            "default, student NHWC": KTPConfig(channels_last=True, show_progress=False),
            # the best trade-off measured (ktp_batch_warmup/ktp_recipe.md): batch 64 on

@@ -54,8 +54,10 @@ def test_no_cache_recomputes_every_batch_and_matches_the_cached_run(mnist_teache
 
 
 def test_a_half_precision_cache_takes_half_the_bytes(mnist_teacher):
-    full, full_info = _run(mnist_teacher)
-    half, info = _run(mnist_teacher, cache_dtype="bfloat16")
+    fp32 = dict(teacher_precision="float32")  # float32 maps, rounded by the cache
+    full, full_info = _run(mnist_teacher, **fp32)
+    assert full_info.teacher_precision == "float32"
+    half, info = _run(mnist_teacher, cache_dtype="bfloat16", **fp32)
     assert info.cache_bytes * 2 == full_info.cache_bytes
     assert info.cached_samples == full_info.cached_samples
     # rounded targets: a close student, not the same one
@@ -74,8 +76,52 @@ def test_rank_shards_are_equal_disjoint_and_fixed_by_the_seed(n, procs):
     assert shards != [rank_shard(n, procs, r, seed=6) for r in range(procs)]
 
 
+def test_a_bfloat16_teacher_pass_gives_close_maps_and_an_exact_half_size_cache(mnist_teacher):
+    from erm_surgery.methods.ktp.cache import TeacherCache
+
+    teacher = mnist_teacher.model.eval()
+    data, keep = _data(mnist_teacher), teacher.erm.keep_mask([3], 0.0).float().view(1, -1, 1, 1)
+    positions, cpu = list(range(len(data))), torch.device("cpu")
+    exact = TeacherCache(teacher, keep, data, positions, cpu, (1 << 30, 0), dtype=None)
+    fast = TeacherCache(teacher, keep, data, positions, cpu, (1 << 30, 0), dtype=None,
+                        autocast=torch.bfloat16)
+    # "auto" storage = the maps' dtype: bfloat16 maps take half the bytes
+    assert exact.dev.dtype == torch.float32 and fast.dev.dtype == torch.bfloat16
+    assert fast.nbytes * 2 == exact.nbytes
+    err = (fast.dev.float() - exact.dev).norm() / exact.dev.norm()
+    assert 0 < err < 0.03  # bfloat16 rounding through the network, not another map
+    assert (fast.dev[:, ~keep.view(-1).bool()] == 0).all()  # prohibited channels stay 0
+
+    bf16 = dict(teacher_precision="bfloat16")
+    student, info = _run(mnist_teacher, **bf16)
+    assert info.teacher_precision == "bfloat16"
+    # the cache stores the bfloat16 maps as they are: an explicit bfloat16 cache is the
+    # same run, and so is streaming every batch through the bfloat16 teacher
+    same, _ = _run(mnist_teacher, cache_dtype="bfloat16", **bf16)
+    _same_weights(student, same, atol=0)
+    streamed, s_info = _run(mnist_teacher, cache_bytes=0, **bf16)
+    assert s_info.cached_samples == 0
+    _same_weights(student, streamed, atol=1e-4)
+
+
+def test_auto_precision_takes_bfloat16_only_where_the_hardware_is_fast(monkeypatch):
+    from erm_surgery.methods.ktp import layout
+
+    cpu = torch.device("cpu")
+    assert layout.teacher_autocast(cpu, "float32") is None
+    assert layout.teacher_autocast(cpu, "bfloat16") is torch.bfloat16
+    monkeypatch.setattr(layout, "fast_bfloat16", lambda device: False)
+    assert layout.teacher_autocast(cpu, "auto") is None
+    monkeypatch.setattr(layout, "fast_bfloat16", lambda device: True)
+    assert layout.teacher_autocast(cpu, "auto") is torch.bfloat16
+    with pytest.raises(ValueError, match="teacher_precision"):
+        layout.teacher_autocast(cpu, "fp8")
+
+
 @pytest.mark.parametrize("fields,word", [(dict(cache_bytes=-1), "cache_bytes"),
-                                         (dict(cache_dtype="int8"), "cache_dtype")])
+                                         (dict(cache_dtype="int8"), "cache_dtype"),
+                                         (dict(teacher_precision="half"),
+                                          "teacher_precision")])
 def test_bad_cache_settings_name_the_field(fields, word):
     with pytest.raises(ValueError, match=word):
         KTPConfig(**fields)

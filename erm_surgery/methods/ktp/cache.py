@@ -24,9 +24,10 @@ from .layout import to_channels_last
 
 __all__ = ["CACHE_DTYPES", "TeacherCache", "default_budget", "rank_shard", "split_budget"]
 
-#: the ``KTPConfig.cache_dtype`` names and their dtypes
-CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}
+#: the ``KTPConfig.cache_dtype`` names and their dtypes (``"auto"``: the maps' own dtype)
+CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+    "float16": torch.float16}
 
 #: share of the free memory a default budget takes: the student's activations, its
 #: optimiser state and the caller's own tensors need the rest
@@ -95,12 +96,15 @@ class TeacherCache:
         device: where the student trains.
         budget: ``(device bytes, host bytes)``; host bytes are used on a GPU only.
         dtype: storage dtype of the cached maps (targets are cast back to the map's
-            dtype when read).
+            dtype when read); ``None`` = the maps' own dtype (lossless: bfloat16 when the
+            teacher pass runs under bfloat16 autocast).
         batch_size: batch of the teacher pass.
         num_workers: its DataLoader workers.
         progress: a tqdm bar updated per teacher-pass batch, or None.
         channels_last: feed the teacher NHWC batches (its weights are NHWC:
             :func:`.layout.teacher_in_channels_last`).
+        autocast: run the teacher under autocast to this dtype (``None`` = its own
+            precision); the maps come back in float32 either way.
 
     Attributes:
         cached: samples cached; ``on_device`` of them on the device, the rest on the host.
@@ -110,10 +114,11 @@ class TeacherCache:
 
     def __init__(self, teacher: nn.Module, keep_map: torch.Tensor, distill_set: Dataset,
                  positions: Sequence[int], device: torch.device, budget: tuple[int, int],
-                 dtype: torch.dtype = torch.float32, batch_size: int = 64,
-                 num_workers: int = 0, progress=None, channels_last: bool = False) -> None:
+                 dtype: torch.dtype | None = torch.float32, batch_size: int = 64,
+                 num_workers: int = 0, progress=None, channels_last: bool = False,
+                 autocast: torch.dtype | None = None) -> None:
         self.teacher, self.keep_map, self.device = teacher, keep_map, device
-        self.channels_last = channels_last
+        self.channels_last, self.autocast = channels_last, autocast
         self.streamed_batches = 0
         n_total = len(distill_set)  # type: ignore[arg-type]
         dev_budget, host_budget = budget
@@ -125,6 +130,7 @@ class TeacherCache:
                 x0 = distill_set[positions[0]][0].unsqueeze(0).to(device)
                 probe = self._maps(x0)
             self.shape, self.out_dtype = probe.shape[1:], probe.dtype
+        dtype = dtype or self.out_dtype
         per = max(1, math.prod(self.shape) * torch.empty((), dtype=dtype).element_size())
         self.on_device = min(len(positions), max(0, dev_budget) // per)
         on_host = 0
@@ -174,7 +180,14 @@ class TeacherCache:
         layout of the default one, so cached and streamed targets look alike."""
         if self.channels_last:
             x = to_channels_last(x)
-        return (self.teacher.forward_features(x) * self.keep_map).contiguous()
+        if self.autocast is None:
+            maps = self.teacher.forward_features(x)
+        else:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                maps = self.teacher.forward_features(x)
+        # in the dtype the teacher produced (bfloat16 under its autocast): a cache in
+        # that dtype holds the targets exactly, in half the bytes of float32
+        return (maps * self.keep_map.to(maps.dtype)).contiguous()
 
     def targets(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The masked teacher maps of the batch ``x`` (its dataset positions

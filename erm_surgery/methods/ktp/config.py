@@ -9,6 +9,7 @@ from typing import Any
 from ...training.optim import Recipe
 from ...unlearning.request import MethodInfo
 from .cache import CACHE_DTYPES
+from .layout import TEACHER_PRECISIONS
 
 __all__ = ["AUTO_WARMUP_STEPS", "KTPConfig", "KTPInfo"]
 
@@ -74,9 +75,11 @@ class KTPConfig(Recipe):
             ``None`` = a quarter of the free memory: on a GPU a quarter of its free
             memory, then a quarter of the host's available memory in pinned host memory;
             on a CPU a quarter of the available memory. ``0`` = no cache.
-        cache_dtype: storage of the cached maps: ``"float32"`` (exact), ``"bfloat16"`` or
-            ``"float16"`` (half the memory; the MSE targets rounded to 3 significant
-            digits, ``"float16"`` overflows above 65504).
+        cache_dtype: storage of the cached maps: ``"auto"`` (the dtype the teacher pass
+            produces, so always exact: bfloat16, half the bytes of float32, when the pass
+            runs under bfloat16 autocast), ``"float32"``, ``"bfloat16"`` or ``"float16"``
+            (half the memory; float32 maps rounded to 3 significant digits,
+            ``"float16"`` overflows above 65504).
         forget_bias: bias given to the forget classes' zeroed rows.
         entanglement_warning: warn when a retain class loses more than this fraction of the
             channels it uses (knowledge entanglement).
@@ -86,6 +89,13 @@ class KTPConfig(Recipe):
             0.33-0.72x of its time on a CPU, measured. The teacher's 4-D weights are
             converted for the call and its own tensors put back after; a model whose
             forward refuses NHWC runs in its own layout (:mod:`.layout`).
+        teacher_precision: the teacher pass's arithmetic: ``"auto"`` (bfloat16 autocast
+            where the device has fast bfloat16, a CPU with AVX512-BF16 or AMX or a CUDA GPU
+            that supports it: 0.50-0.64x of the float32 pass's time on a CPU, measured;
+            float32 elsewhere), ``"float32"`` or ``"bfloat16"``. The maps keep bfloat16's 3
+            significant digits (the retain accuracy of the student is unchanged within
+            the noise of a run, docs/unlearning.md); :attr:`KTPInfo.teacher_precision`
+            says which ran.
         num_workers: DataLoader worker processes for reading and augmenting images (0 =
             in the main process; raise it for image folders with decoding and transforms).
     """
@@ -107,12 +117,13 @@ class KTPConfig(Recipe):
     train_head: bool = False
     cache_teacher: bool | None = None
     cache_bytes: int | None = None
-    cache_dtype: str = "float32"
+    cache_dtype: str = "auto"
     forget_bias: float = -1e4
     entanglement_warning: float = 0.3
     num_workers: int = 0
     channels_last: bool = False
     teacher_channels_last: bool = True
+    teacher_precision: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +143,9 @@ class KTPConfig(Recipe):
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 or None (a budget from free memory), "
                              f"got {self.cache_bytes}")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got "
+                             f"{self.teacher_precision!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got "
                              f"{self.cache_dtype!r}")
@@ -188,6 +202,8 @@ class KTPInfo(MethodInfo):
         lr: its learning rate.
         warmup_steps: its warmup steps (:meth:`KTPConfig.warmup_for`).
         teacher_channels_last: whether the teacher pass ran in NHWC.
+        teacher_precision: the teacher pass's autocast dtype (``"bfloat16"``), or
+            ``"float32"`` when it ran in the teacher's own precision.
         steps: optimiser steps run.
         cached_samples: samples whose teacher maps were cached (this process's; the others
             were streamed).
@@ -216,6 +232,7 @@ class KTPInfo(MethodInfo):
     lr: float = 0.0
     warmup_steps: int = 0
     teacher_channels_last: bool = False
+    teacher_precision: str = "float32"
     steps: int = 0
     cached_samples: int = 0
     cache_bytes: int = 0

@@ -46,7 +46,7 @@ from ...unlearning.request import check_separation, parse_request, reinitialised
 from .cache import CACHE_DTYPES, TeacherCache, rank_shard, split_budget
 from .config import KTPConfig, KTPInfo
 from .fkt import head_layers, transfer_head
-from .layout import teacher_in_channels_last, to_channels_last
+from .layout import teacher_autocast, teacher_in_channels_last, to_channels_last
 from .memory import PeakMemory
 
 __all__ = ["ktp"]
@@ -288,6 +288,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     # is cheaper per sample (measured on one CPU thread: 256 beat 64 by 5-20% on
     # test_resnet and resnet18) and costs little memory
     pass_batch = max(2 * batch_size, PASS_BATCH)
+    autocast = teacher_autocast(device, config.teacher_precision)
     progress = tqdm(total=max(1, len(loader) * config.epochs)
                     + (math.ceil(len(positions) / pass_batch) if cache_on else 0),
                     desc="KTP teacher pass", unit="batch", dynamic_ncols=True,
@@ -295,7 +296,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     teacher_maps = TeacherCache(teacher, keep_map, distill_set, positions, device, budget,
                                 dtype=CACHE_DTYPES[config.cache_dtype],
                                 batch_size=pass_batch, num_workers=config.num_workers,
-                                progress=progress, channels_last=nhwc)
+                                progress=progress, channels_last=nhwc, autocast=autocast)
 
     if config.channels_last:
         s.to(memory_format=torch.channels_last)
@@ -361,7 +362,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         distill_on=config.distill_on, epochs=config.epochs, samples=len(distill_set),
         final_mse=float(last),
         batch_size=batch_size, lr=lr, warmup_steps=config.warmup_for(batch_size),
-        teacher_channels_last=nhwc, steps=steps, cached_samples=teacher_maps.cached,
+        teacher_channels_last=nhwc,
+        teacher_precision=str(autocast or torch.float32).removeprefix("torch."),
+        steps=steps, cached_samples=teacher_maps.cached,
         cache_bytes=teacher_maps.nbytes,
         streamed_batches=teacher_maps.streamed_batches,
         not_reinitialised=same,

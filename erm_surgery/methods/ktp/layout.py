@@ -1,4 +1,5 @@
-"""The teacher pass in channels-last (NHWC) memory layout, without changing the teacher.
+"""The teacher pass fast: channels-last (NHWC) layout and bfloat16 autocast, without
+changing the teacher.
 
 The teacher only runs forward without gradients during KTP, and oneDNN's and cuDNN's
 convolutions are faster on NHWC tensors: measured on a 2-core CPU at 32 px, one thread, a
@@ -19,7 +20,11 @@ from itertools import chain
 import torch
 from torch import nn
 
-__all__ = ["channels_last_weights", "teacher_in_channels_last", "to_channels_last"]
+__all__ = ["TEACHER_PRECISIONS", "channels_last_weights", "fast_bfloat16", "teacher_autocast",
+           "teacher_in_channels_last", "to_channels_last"]
+
+#: the ``KTPConfig.teacher_precision`` names
+TEACHER_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @contextlib.contextmanager
@@ -63,3 +68,28 @@ def teacher_in_channels_last(teacher: nn.Module, enabled: bool,
             yield False
             return
         yield True
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` has fast bfloat16 arithmetic: a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX (without them oneDNN emulates bfloat16, slower than
+    float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    # private helpers of torch.cpu (PyTorch >= 2.3); absent = not known to be fast
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def teacher_autocast(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of the teacher pass for ``KTPConfig.teacher_precision``:
+    ``torch.bfloat16`` for ``"bfloat16"``, and for ``"auto"`` where
+    :func:`fast_bfloat16`; ``None`` (float32) otherwise."""
+    if precision not in TEACHER_PRECISIONS:
+        raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got "
+                         f"{precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and fast_bfloat16(device)):
+        return torch.bfloat16
+    return None
