@@ -66,10 +66,11 @@ def test_erm_loss_takes_soft_targets_and_any_criterion():
     for name in ("ce", "prohibit"):
         torch.testing.assert_close(ids_terms[name], soft_terms[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ids_loss, soft_loss, rtol=1e-5, atol=1e-6)
-    # a criterion is really used: label smoothing raises the CE of the same logits
-    smooth = erm_loss(model, x, y, cfg, criterion=lambda z, t: F.cross_entropy(
-        z, t, label_smoothing=0.3), return_terms=True)[1]
-    assert smooth["ce"] > ids_terms["ce"]
+    # a criterion is really used: one that doubles the CE doubles the CE term (label
+    # smoothing, tried before, can lower the CE of near-uniform logits: not a sure sign)
+    doubled = erm_loss(model, x, y, cfg, criterion=lambda z, t: 2 * F.cross_entropy(z, t),
+                       return_terms=True)[1]
+    torch.testing.assert_close(doubled["ce"], 2 * ids_terms["ce"], rtol=1e-5, atol=1e-6)
     # gradients reach G through the soft mix
     soft_loss.backward()
     assert model.erm.G.grad is not None and model.erm.G.grad.abs().sum() > 0

@@ -88,10 +88,20 @@ def test_squeezenet_mask_sits_on_the_classifier_input_not_the_score_map():
     assert attached.surgery.head == "classifier.1"
 
 
-def test_mobilenetv3_head_conv_after_pooling_is_part_of_the_head():
-    attached = E.attach(timm.create_model("mobilenetv3_large_100", num_classes=10))
-    assert attached.surgery.num_channels == 960  # conv_head (1280) comes after pooling
-    assert attached.surgery.head_modules[0] == "conv_head"
+def test_mobilenetv3_mask_sits_where_the_classifier_reads_after_conv_head():
+    model = timm.create_model("mobilenetv3_large_100", num_classes=10).eval()
+    attached = E.attach(model).eval()
+    # pool -> conv_head (960 -> 1280) -> act -> linear: the mask on the 1280-vector
+    assert attached.surgery.feature_node == "act2"
+    assert attached.surgery.num_channels == 1280 and attached.surgery.head_modules == (
+        "classifier",)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(attached(x), model(x))
+    # torchvision's head is Linear -> Hardswish -> Linear on a flat vector: no 4-D tensor
+    # to mask there, so the map before pooling is kept
+    tv = E.attach(torchvision.models.mobilenet_v3_small(num_classes=10)).surgery
+    assert tv.num_channels == 576 and tv.head_modules == ("classifier.0", "classifier.3")
 
 
 class _FlatNormHead(nn.Module):
@@ -110,6 +120,7 @@ class _FlatNormHead(nn.Module):
 @pytest.mark.parametrize("source,name,node", [("timm", "convnext_atto", "permute_33"),
                                               ("tv", "convnext_tiny", "permute_7")])
 def test_convnext_mask_sits_after_the_head_layernorm(source, name, node):
+    """The mask goes where the classifier reads (``_at_classifier_input``)."""
     model = (timm.create_model(name, num_classes=10) if source == "timm"
              else getattr(torchvision.models, name)(num_classes=10)).eval()
     attached = E.attach(model).eval()

@@ -25,10 +25,11 @@ def head_roles(model: ERMModel) -> tuple[list[str], list[str]]:
     """``(readers, classifiers)``: the head layers that read the masked map, and those whose
     output is the logits, each without another weighted head layer in between.
 
-    A sequential head (mobilenetv3's ``conv_head`` then ``classifier``) has one of each;
-    parallel heads averaged into the logits (a distilled model's ``head`` and ``head_dist``)
-    are each both. Per-channel layers (a norm of K channels) are looked through. Unlearning
-    cuts the prohibited channels from every reader and the forget rows from every classifier.
+    A sequential head (torchvision mobilenet_v3's ``classifier.0`` then ``classifier.3``)
+    has one of each; parallel heads averaged into the logits (a distilled model's ``head``
+    and ``head_dist``) are each both. Per-channel layers (a norm of K channels) are looked
+    through. Unlearning cuts the prohibited channels from every reader and the forget rows
+    from every classifier.
     """
     gm = model.__dict__["_graphs"]["full_eval"]
     mask = mask_node(gm)
