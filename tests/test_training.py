@@ -378,3 +378,25 @@ def test_train_builds_the_family_optimiser_and_says_which(mnist_small):
     own = torch.optim.SGD([p for p in resnet.model.parameters()], lr=0.01)
     assert train(resnet, data, epochs=1, show_progress=False,
                  optimizer=own).optimizer == "SGD (the caller's)"
+
+
+def test_a_recipe_resolves_auto_to_the_family_optimiser():
+    from erm_surgery.methods.baselines import RetrainConfig
+    from erm_surgery.training.optim import Recipe
+
+    convnext = timm.create_model("test_convnext", num_classes=10, in_chans=1)
+    resnet = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    auto = RetrainConfig()
+    assert (auto.optimizer, auto.lr, auto.weight_decay) == ("auto", None, None)
+    c = auto.resolved(convnext)
+    assert (c.optimizer, c.lr, c.weight_decay) == ("adamw", 2e-3, 0.05)
+    assert isinstance(c.build_optimizer(list(convnext.parameters())), torch.optim.AdamW)
+    r = RetrainConfig(lr=0.01).resolved(resnet)  # an explicit value is kept
+    assert (r.optimizer, r.lr, r.weight_decay) == ("sgd", 0.01, 5e-4)
+    assert RetrainConfig(optimizer="adam", lr=0.001).resolved(convnext).optimizer == "adam"
+    with pytest.raises(ValueError, match="auto"):  # needs the model
+        auto.build_optimizer(list(resnet.parameters()))
+    with pytest.raises(ValueError, match="not available for Recipe"):
+        Recipe(optimizer="auto")
+    with pytest.raises(ValueError, match="lr"):
+        RetrainConfig(optimizer="sgd", lr=None)

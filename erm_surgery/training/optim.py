@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 __all__ = ["DefaultOptimizer", "Recipe", "cosine_schedule", "default_optimizer",
            "make_optimizer"]
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def make_optimizer(cls: type[torch.optim.Optimizer], params: list[torch.Tensor],
@@ -119,7 +119,11 @@ class Recipe:
         lr: learning rate (cosine schedule to 0 over the run).
         batch_size: minibatch size.
         weight_decay: the optimiser's weight decay.
-        optimizer: ``"sgd"`` (momentum ``momentum``, nesterov) or ``"adam"``.
+        optimizer: ``"sgd"`` (momentum ``momentum``, nesterov), ``"adam"`` or ``"adamw"``;
+            ``"auto"`` (only where a subclass allows it: ``auto_optimizer``) = the model
+            family's optimiser :func:`erm_surgery.train` would pick
+            (:func:`default_optimizer`), with its ``lr`` / ``weight_decay`` where those are
+            None (:meth:`resolved`).
         momentum: SGD momentum (0 = plain SGD).
         seed: data order and the method's random draws.
         show_progress: tqdm bar on the main process.
@@ -136,14 +140,30 @@ class Recipe:
 
     #: the fewest epochs a subclass accepts (Amnesiac's repair may be 0 epochs)
     min_epochs: ClassVar[int] = 1
+    #: whether ``optimizer="auto"`` (and ``lr`` / ``weight_decay`` None) is accepted
+    auto_optimizer: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.epochs < self.min_epochs:
             raise ValueError(f"epochs must be >= {self.min_epochs}, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        auto = self.optimizer == "auto"
+        if auto and not self.auto_optimizer:
+            raise ValueError(f"optimizer='auto' is not available for {type(self).__name__}; "
+                             f"use one of {OPTIMIZERS}")
+        if self.lr is None and not auto:
+            raise ValueError(f"lr=None takes the 'auto' optimiser's value; with "
+                             f"optimizer={self.optimizer!r} pass lr=")
+        if self.weight_decay is None and not auto:
+            self.weight_decay = 5e-4  # the recipes' usual value
+        if not (auto and self.lr is None) and not (
+                self.lr is not None and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+        if not (auto and self.weight_decay is None) and not (
+                self.weight_decay is not None and self.weight_decay >= 0
+                and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        if auto:
+            return
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:
@@ -151,8 +171,27 @@ class Recipe:
         if self.momentum < 0:
             raise ValueError(f"momentum must be >= 0, got {self.momentum}")
 
+    def resolved(self, model: nn.Module) -> Recipe:
+        """This recipe with ``optimizer="auto"`` replaced by ``model``'s family default
+        (:func:`default_optimizer`) and its ``lr`` / ``weight_decay`` where those are None;
+        a recipe without ``"auto"`` as it is."""
+        if self.optimizer != "auto":
+            return self
+        choice = default_optimizer(model)
+        return replace(self, optimizer=choice.name,
+                       lr=choice.lr if self.lr is None else self.lr,
+                       weight_decay=(choice.weight_decay if self.weight_decay is None
+                                     else self.weight_decay))
+
     def build_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        """The optimiser this recipe names, over ``params``."""
+        """The optimiser this recipe names, over ``params`` (``"auto"``: call
+        :meth:`resolved` first)."""
+        if self.optimizer == "auto":
+            raise ValueError("optimizer='auto' needs the model: build from "
+                             "recipe.resolved(model)")
+        if self.optimizer == "adamw":
+            return make_optimizer(torch.optim.AdamW, params, lr=self.lr,
+                                  weight_decay=self.weight_decay)
         if self.optimizer == "adam":
             return make_optimizer(torch.optim.Adam, params, lr=self.lr,
                                   weight_decay=self.weight_decay)

@@ -11,7 +11,7 @@ import copy
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,8 +33,10 @@ class RetrainConfig(Recipe):
     """The original training recipe, repeated on the retain data.
 
     The model cannot tell how it was trained: set these to the original run's values
-    (the defaults are :func:`erm_surgery.train`'s: SGD at lr 0.05, nesterov momentum 0.9,
-    cosine to 0, batch 128, 10 epochs; ``seed`` also seeds the re-initialisation).
+    (the defaults are :func:`erm_surgery.train`'s: the model family's optimiser, SGD at lr
+    0.05 with nesterov momentum 0.9 for BatchNorm CNNs and AdamW at 2e-3 for LayerNorm-only
+    ones such as ConvNeXt, cosine to 0, batch 128, 10 epochs; ``seed`` also seeds the
+    re-initialisation).
 
     Attributes (besides :class:`~erm_surgery.training.optim.Recipe`'s):
         erm_config: for an attached model, the :class:`ERMConfig` it is trained with by
@@ -45,8 +47,12 @@ class RetrainConfig(Recipe):
 
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 0.05
+    optimizer: str = "auto"
+    lr: float | None = None
+    weight_decay: float | None = None
     erm_config: ERMConfig | None = None
+
+    auto_optimizer: ClassVar[bool] = True
 
 
 @dataclass(kw_only=True)
@@ -111,8 +117,8 @@ def retrain(
     Classes an attached model already forgot are left out of the data too. ``model`` is
     not modified. Cost: a whole training run.
     """
-    cfg = config
     req = parse_request(model, classes, data)
+    cfg = config.resolved(unwrap(model))  # "auto": the optimiser train() would pick
     if fresh_model is None:
         fresh, same = reinitialised(model, cfg.seed)
     else:
@@ -121,7 +127,7 @@ def retrain(
     if isinstance(fresh, ERMModel):
         from ...training import train
 
-        # the recipe's optimiser (train()'s own default is the same SGD): cosine to 0
+        # the recipe's optimiser ("auto" resolved to train()'s family default): cosine to 0
         params = [p for p in fresh.model.parameters() if p.requires_grad]
         with warnings.catch_warnings():  # leaving the forget classes out is the point here
             warnings.filterwarnings("ignore", message=r"classes .* have no training samples")
