@@ -147,6 +147,8 @@ class Recipe:
         if self.epochs < self.min_epochs:
             raise ValueError(f"epochs must be >= {self.min_epochs}, got {self.epochs}")
         auto = self.optimizer == "auto"
+        if self.optimizer not in OPTIMIZERS and not auto:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if auto and not self.auto_optimizer:
             raise ValueError(f"optimizer='auto' is not available for {type(self).__name__}; "
                              f"use one of {OPTIMIZERS}")
