@@ -71,13 +71,11 @@ class DefaultOptimizer:
 
     def build(self, params: list[torch.Tensor], lr: float | None = None,
               weight_decay: float | None = None) -> torch.optim.Optimizer:
-        """The optimiser over ``params``; ``lr`` / ``weight_decay`` override the defaults."""
-        lr = self.lr if lr is None else lr
-        wd = self.weight_decay if weight_decay is None else weight_decay
-        if self.name == "adamw":
-            return make_optimizer(torch.optim.AdamW, params, lr=lr, weight_decay=wd)
-        return make_optimizer(torch.optim.SGD, params, lr=lr, momentum=0.9, nesterov=True,
-                              weight_decay=wd)
+        """The optimiser over ``params`` (built by :meth:`Recipe.build_optimizer`);
+        ``lr`` / ``weight_decay`` override the defaults."""
+        return Recipe(optimizer=self.name, lr=self.lr if lr is None else lr,
+                      weight_decay=self.weight_decay if weight_decay is None
+                      else weight_decay).build_optimizer(params)
 
 
 def _layer_norm_only(model: nn.Module) -> bool:
@@ -157,19 +155,14 @@ class Recipe:
                              f"optimizer={self.optimizer!r} pass lr=")
         if self.weight_decay is None and not auto:
             self.weight_decay = 5e-4  # the recipes' usual value
-        if not (auto and self.lr is None) and not (
-                self.lr is not None and self.lr > 0 and math.isfinite(self.lr)):
+        # None (with "auto") = the resolved optimiser's own value
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
-        if not (auto and self.weight_decay is None) and not (
-                self.weight_decay is not None and self.weight_decay >= 0
-                and math.isfinite(self.weight_decay)):
+        if self.weight_decay is not None and not (
+                self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
-        if auto:
-            return
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.momentum < 0:
             raise ValueError(f"momentum must be >= 0, got {self.momentum}")
 

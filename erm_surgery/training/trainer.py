@@ -42,7 +42,7 @@ from . import g_metrics as metrics
 from .checks import NonFiniteWatch, check_training_data
 from .health import WEAK_PROHIBITION, ERMHealth, erm_health
 from .losses import ERMConfig, erm_loss, is_erm_epoch
-from .optim import DefaultOptimizer, cosine_schedule, default_optimizer
+from .optim import cosine_schedule, default_optimizer
 
 __all__ = ["EpochStats", "TrainResult", "ERMHealth", "erm_health", "ERMTrainer", "train",
            "make_accelerator", "std_accuracy", "caller_state_kept", "TrainingData"]
@@ -304,12 +304,9 @@ class ERMTrainer:
                 as_dataset(val_data), batch_size=batch_size * 2, num_workers=num_workers)
 
         G = model.erm.G
-        #: the default optimiser's choice (None when the caller passed one)
-        self.default_optimizer: DefaultOptimizer | None = None
         if optimizer is None:
             params = [p for p in model.model.parameters() if p.requires_grad]
-            self.default_optimizer = default_optimizer(model.model)
-            choice = self.default_optimizer
+            choice = default_optimizer(model.model)
             if lr is not None and choice.name != "sgd" and lr > 5 * choice.lr:
                 # lr=0.05 is an SGD value (train()'s default before the family rule)
                 warn_user(
@@ -319,8 +316,8 @@ class ERMTrainer:
             optimizer = choice.build(params, lr, weight_decay)
             group = optimizer.param_groups[0]
             self._optimizer_summary = (
-                f"{self.default_optimizer.name} lr={group['lr']:g} weight_decay="
-                f"{group['weight_decay']:g} (default: {self.default_optimizer.reason})")
+                f"{choice.name} lr={group['lr']:g} weight_decay="
+                f"{group['weight_decay']:g} (default: {choice.reason})")
         else:
             self._optimizer_summary = f"{type(optimizer).__name__} (the caller's)"
         if any(p is G for group in optimizer.param_groups for p in group["params"]):

@@ -104,7 +104,7 @@ class TeacherCache:
         channels_last: feed the teacher NHWC batches (its weights are NHWC:
             :func:`.layout.teacher_in_channels_last`).
         autocast: run the teacher under autocast to this dtype (``None`` = its own
-            precision); the maps come back in float32 either way.
+            precision); the maps keep the dtype the teacher produced.
 
     Attributes:
         cached: samples cached; ``on_device`` of them on the device, the rest on the host.
