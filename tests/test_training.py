@@ -104,9 +104,39 @@ def test_erm_loss_is_one_forward_and_reaches_g():
     loss.backward()
     # only the rows of labels in the batch get a CE gradient; regularisers touch all rows
     assert model.erm.G.grad is not None and model.erm.G.grad.abs().sum() > 0
-    assert set(terms) == {"ce", "l1", "inner", "prohibit", "logits"}
+    assert set(terms) == {"ce", "l1", "inner", "prohibit", "permitted", "std", "logits"}
     with pytest.raises(TypeError, match="attach"):
         erm_loss(timm.create_model("test_resnet", num_classes=10), x, y)
+
+
+def test_erm_loss_permitted_and_std_terms_are_what_they_say():
+    """Issue 13's joint step: ``std`` is the standard path's CE and ``permitted`` the CE of
+    the sample's own label with a random other class's channels prohibited, both from the
+    one backbone pass; weights of 0 drop them from the loss."""
+    torch.manual_seed(0)
+    model = E.attach(timm.create_model("test_resnet", num_classes=10, in_chans=1)).eval()
+    with torch.no_grad():
+        model.erm.G.copy_((torch.rand_like(model.erm.G) > 0.7).float())
+    x, y = torch.randn(6, 1, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    torch.manual_seed(1)
+    loss, terms = erm_loss(model, x, y, ERMConfig(), return_terms=True)
+    torch.manual_seed(1)
+    other = (y + torch.randint(1, 10, y.shape)) % 10  # the draw erm_loss makes
+    assert (other != y).all()
+    with torch.no_grad():
+        std = torch.nn.functional.cross_entropy(model(x), y)
+        keep = (model.erm.G[other] <= 0).float()
+        permitted = torch.nn.functional.cross_entropy(model(x, channel_mask=keep), y)
+    assert terms["std"] == pytest.approx(std.item(), rel=1e-5)
+    assert terms["permitted"] == pytest.approx(permitted.item(), rel=1e-5)
+    paper = ERMConfig(permitted_weight=0.0, std_weight=0.0)
+    torch.manual_seed(1)
+    loss_paper, terms_paper = erm_loss(model, x, y, paper, return_terms=True)
+    assert terms_paper["std"] == 0 and terms_paper["permitted"] == 0
+    assert loss.item() == pytest.approx(loss_paper.item() + std.item() + permitted.item(),
+                                        rel=1e-5)
+    with pytest.raises(ValueError, match="permitted_weight"):
+        ERMConfig(permitted_weight=-1.0)
 
 
 def test_train_rejects_bad_arguments():
@@ -144,13 +174,15 @@ def test_erm_training_reaches_the_paper_properties_on_real_digits(mnist_small, t
     result = train(model, train_set, epochs=6, val_data=test_set, show_progress=False,
                    batch_size=64, output_dir=tmp_path)
     last = result.history[-1]
-    assert [h.path for h in result.history] == ["std", "std", "erm", "std", "erm", "std"]
-    assert last.val_accuracy >= ref.history[-1].val_accuracy - 0.02
+    assert [h.path for h in result.history] == ["std", "erm", "erm", "erm", "erm", "erm"]
+    # measured (2 threads): STD 0.958 (plain 0.958), CSI 3.1, density 0.092, prohibited
+    # 0.000, permitted 0.959; the paper's alternate objective: 0.947, 0.004, 0.947
+    assert last.val_accuracy >= ref.history[-1].val_accuracy - 0.01
     assert last.csi < 9.0, "rows of G should be nearly orthogonal (max is 90)"
     assert 0.02 <= last.l1_density <= 0.2
     table = prohibition_accuracy(model, test_set)
-    assert table.mean_prohibited <= 0.10
-    assert table.mean_permitted >= table.std_accuracy - 0.03
+    assert table.mean_prohibited <= 0.05
+    assert table.mean_permitted >= table.std_accuracy - 0.01
     saved = json.loads((tmp_path / "history.json").read_text())
     assert len(saved["history"]) == 6 and saved["config"]["lambda2"] == ERMConfig().lambda2
 

@@ -181,7 +181,7 @@ def run_demo(settings: DemoSettings, *,
         torch.manual_seed(seed)
         return attach(build_model(spec))
 
-    # 1. the original model, ERM alternate training
+    # 1. the original model, ERM training
     echo(f"[1/4] ERM training of the original model ({epochs} epochs)")
     original = fresh()
     t = time.perf_counter()

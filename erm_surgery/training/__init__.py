@@ -1,4 +1,4 @@
-"""ERM alternate training (paper Algorithm 1) and its pieces.
+"""ERM training (paper Algorithm 1, with issue 13's joint steps) and its pieces.
 
 - :mod:`.losses`: :class:`ERMConfig`, :func:`erm_loss` and the regularisers, usable from
   any training loop;

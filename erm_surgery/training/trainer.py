@@ -1,10 +1,12 @@
-"""ERM alternate training (paper Algorithm 1) on Hugging Face Accelerate.
+"""ERM training (paper Algorithm 1) on Hugging Face Accelerate.
 
 ``train(model, data, epochs=...)`` runs on one CPU, one or many GPUs, and under
 ``torchrun`` / ``accelerate launch`` unchanged. STD epochs update the weights with plain
-cross-entropy; ERM epochs update the weights and ``G`` with :func:`erm_loss`, then project
-``G``. ``G`` has its own Adam optimiser, stepped only on ERM epochs, so momentum or weight
-decay never move it during STD epochs.
+cross-entropy; ERM epochs update the weights and ``G`` with :func:`erm_loss` (which by
+default also trains the standard path from the same backbone pass), then project ``G``.
+The default schedule is one STD warm-up epoch, then ERM epochs. ``G`` has its own Adam
+optimiser, stepped only on ERM epochs, so momentum or weight decay never move it during
+STD epochs.
 
 (Over 400 lines on purpose: the trainer owns its resumable checkpoints and the checks that
 a resume matches the run, and :class:`ERMTrainer` and :func:`train` share one set of run
@@ -605,7 +607,7 @@ def train(
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     compile: bool | dict[str, Any] = False,
 ) -> TrainResult:
-    """Train an attached model with ERM alternate training; returns a :class:`TrainResult`.
+    """Train an attached model with ERM training; returns a :class:`TrainResult`.
 
     Args:
         model: a model returned by :func:`erm_surgery.attach` (trained in place).

@@ -28,7 +28,7 @@ from ..models import ModelSpec, build_model, check_model_name, save_checkpoint
 NAME = "train"
 
 DESCRIPTION = ("Build a model (never pretrained), put the ERM mask on its last conv feature "
-               "map and train it with ERM alternate training (erm_surgery.train). Runs on the "
+               "map and train it with ERM training (erm_surgery.train). Runs on the "
                "CPU, a GPU, or every GPU under accelerate launch / torchrun.")
 
 EPILOG = f"""\
@@ -72,7 +72,9 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> argparse.Arg
     p.add_argument("--weight-decay", type=float, metavar="WD",
                    help="weight decay (default: SGD 5e-4, AdamW 0.05)")
     p.add_argument("--erm-every", type=positive_int, metavar="N",
-                   help="one ERM epoch every N epochs (default: 2, alternate)")
+                   help="one ERM epoch every N epochs (default: 1, every epoch after the "
+                        "warm-up; an ERM step also trains the standard path; 2 = the "
+                        "paper's alternate training)")
     p.add_argument("--warmup-epochs", type=nonneg_int, metavar="N",
                    help="plain epochs before the first ERM epoch (default: 1)")
     p.add_argument("--density", type=positive_float, default=0.1, metavar="D",
@@ -140,9 +142,9 @@ def run(args: argparse.Namespace) -> int:
         if args.plain:
             config = ERMConfig(erm_every=10**6, warmup_epochs=0, target_density=args.density)
         else:
-            warmup = 1 if args.warmup_epochs is None else args.warmup_epochs
-            config = ERMConfig(erm_every=args.erm_every or 2, warmup_epochs=warmup,
-                               target_density=args.density)
+            schedule = {"erm_every": args.erm_every, "warmup_epochs": args.warmup_epochs}
+            config = ERMConfig(target_density=args.density,  # unset: ERMConfig's defaults
+                               **{k: v for k, v in schedule.items() if v is not None})
     except ValueError as err:
         raise UsageError(f"{err} (--density is a fraction in (0, 1])") from err
 

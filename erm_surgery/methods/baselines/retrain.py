@@ -40,7 +40,7 @@ class RetrainConfig(Recipe):
 
     Attributes (besides :class:`~erm_surgery.training.optim.Recipe`'s):
         erm_config: for an attached model, the :class:`ERMConfig` it is trained with by
-            :func:`erm_surgery.train` (``None`` = ``ERMConfig()``, ERM alternate training;
+            :func:`erm_surgery.train` (``None`` = ``ERMConfig()``, ERM training;
             ``ERMConfig(erm_every=10**6, warmup_epochs=0)`` = plain STD training). Unused
             for a plain model, which gets the STD recipe in an Accelerate loop.
     """
