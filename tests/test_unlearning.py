@@ -352,3 +352,25 @@ def test_fkt_cuts_every_position_of_a_prohibited_channel_in_a_flattened_head():
     head = ktp(model, [0], data, config=QUICK)[0].model.fc
     cut = (head.weight[1:] == 0).all(0).nonzero().flatten().tolist()
     assert cut == [k * 16 + s for k in (1, 6) for s in range(16)]
+
+
+def test_check_separation_warns_for_a_few_entangled_classes_and_refuses_many():
+    """A retain class whose channels all lie in the forget classes' rows cannot be
+    represented: one such class in ten is entanglement (warned, the request goes on; the
+    two-digit class 04 inside 40's row), most of them is a G that never separated."""
+    from erm_surgery.errors import UnlearningError
+    from erm_surgery.unlearning import check_separation
+
+    G = torch.zeros(10, 20)
+    for c in range(10):
+        G[c, 2 * c: 2 * c + 2] = 1.0  # disjoint rows
+    G[4] = 0
+    G[4, 0] = 1.0  # class 4 uses one channel, which class 0 also uses
+    with pytest.warns(UserWarning, match=r"entanglement.*class\(es\) 4 .*1 of 8"):
+        keep = check_separation(G, [0, 1])
+    assert keep.tolist() == [False] * 4 + [True] * 16
+    starved = G.clone()
+    starved[2:] = 0
+    starved[2:, 0] = 1.0  # every retain class reads only channel 0
+    with pytest.raises(UnlearningError, match="has not separated.*8 of 8"):
+        check_separation(starved, [0, 1])

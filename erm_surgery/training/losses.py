@@ -112,7 +112,7 @@ class ERMConfig:
     def retrofit(cls, **overrides: Any) -> ERMConfig:
         """The config for an ERM fine-tune of an already-trained model (issue 14): every
         epoch on the ERM path (``warmup_epochs=0, erm_every=1``), since the weights need no
-        warm-up and the STD epochs only re-spread a class over every channel. Use it with a
+        warm-up (each ERM step still trains the standard path through ``std_weight``). Use it with a
         smaller ``lr`` than training from scratch (e.g. 0.01)::
 
             model = erm_surgery.attach(trained_model)

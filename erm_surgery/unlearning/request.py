@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import as_dataset, check_class_ids, check_labels, raw_labels
-from ..errors import UnlearningError
+from ..errors import UnlearningError, warn_user
 from ..surgery import ERMModel, find_classifier, num_classes_of, unwrap
 
 __all__ = ["MethodInfo", "Request", "parse_request", "check_forget_classes",
@@ -223,6 +223,14 @@ def reinitialised(model: nn.Module, seed: int) -> tuple[nn.Module, list[str]]:
     return fresh, same
 
 
+#: the share of retain classes that may lose every channel they use before a request is
+#: refused as "G has not separated the classes": a few such classes are entanglement
+#: (class 04 of the two-digit numbers is drawn with the parts of 40, and its few channels
+#: can all lie in 40's row), which the request must not be refused for; most of them (the
+#: CLI's 6-epoch ResNet starved every retain class) is a G that never separated.
+STARVED_LIMIT = 0.25
+
+
 def check_separation(G: torch.Tensor, forget: Iterable[int], threshold: float = 0.0,
                      forgotten: Iterable[int] = ()) -> torch.Tensor:
     """The channels a request on ``G`` keeps (``(K,)`` bool), after refusing a ``G`` that
@@ -232,7 +240,10 @@ def check_separation(G: torch.Tensor, forget: Iterable[int], threshold: float = 
     distil (an untrained ``G``, all 0.5, or an EMA average of one, every entry a little
     above 0, covers every channel) and must leave every retain class at least one of the
     channels it uses (else the student cannot represent that class: the CLI's 6-epoch
-    ResNet lost 100% of every retain class's channels and kept 11% retain accuracy).
+    ResNet lost 100% of every retain class's channels and kept 11% retain accuracy). A few
+    such classes (at most :data:`STARVED_LIMIT` of the retain classes) are entangled with
+    the forget classes rather than a sign of an unseparated ``G``: the request goes on,
+    with a warning that names them.
 
     Raises:
         UnlearningError: with the reason and the fix.
@@ -258,11 +269,18 @@ def check_separation(G: torch.Tensor, forget: Iterable[int], threshold: float = 
     if starved:
         names = ", ".join(map(str, starved[:5])) + (
             f" and {len(starved) - 5} more" if len(starved) > 5 else "")
-        raise UnlearningError(
-            f"G has not separated the classes: prohibiting the channels of classes {forget} "
-            f"removes every channel that class(es) {names} use ({len(starved)} of "
-            f"{G.shape[0] - len(skip)} retain classes), so the student could not represent "
-            f"them. {fix}. Nothing was changed")
+        retain = G.shape[0] - len(skip)
+        lost = (f"prohibiting the channels of classes {forget} removes every channel that "
+                f"class(es) {names} use ({len(starved)} of {retain} retain classes)")
+        if len(starved) > STARVED_LIMIT * retain:
+            raise UnlearningError(
+                f"G has not separated the classes: {lost}, so the student could not "
+                f"represent them. {fix}. Nothing was changed")
+        warn_user(f"knowledge entanglement: {lost}: the student cannot represent them and "
+                  "their accuracy will fall to about chance (their images share the forget "
+                  "classes' features). To keep them, raise threshold= so that only the "
+                  "forget classes' strongest channels are prohibited (then check the forget "
+                  "accuracy), or forget them too")
     return keep
 
 
