@@ -59,13 +59,15 @@ class ERMConfig:
             sample's map is also multiplied by the complement of the row of a random
             *other* class, and the cross-entropy of its own label on those logits is added,
             so a class stays readable when another class is prohibited. Without it the
-            permitted accuracy fell 3-8 points below STD on the models with many channels
-            per class (efficientnet_b0, resnet50; docs/training.md). Same backbone pass.
+            permitted accuracy fell 3.1-7.9 points below STD on the models with many
+            channels per class (efficientnet_b0, resnet50; docs/training.md). Same backbone
+            pass.
         std_weight: weight of the standard path's cross-entropy (the unmasked map through
             the head) in every ERM step (not in the paper, issue 13). With it an ERM epoch
             trains both paths from one backbone pass, so no epoch is given up to the other
-            path: alternating epochs cost the mobile families 2-12 points of STD accuracy
-            against plain training, the joint step none (docs/training.md).
+            path: alternating epochs cost the mobile families 1.1-11.6 points of STD accuracy
+            against plain training; with the joint step STD stayed within -0.4 to +1.3
+            points of plain on 7 models x 2 seeds (docs/training.md).
         prune_below: at the end of a run's last ERM epoch, entries of ``G`` below this are set
             to 0 (:meth:`ERMMask.prune_`; not in the paper, issue 13). Adam moves every entry
             by about ``g_lr`` a step, so entries of channels a class does not use drift just
