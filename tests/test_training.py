@@ -177,6 +177,8 @@ def test_erm_training_reaches_the_paper_properties_on_real_digits(mnist_small, t
     assert [h.path for h in result.history] == ["std", "erm", "erm", "erm", "erm", "erm"]
     # measured (2 threads): STD 0.958 (plain 0.958), CSI 3.1, density 0.092, prohibited
     # 0.000, permitted 0.959; the paper's alternate objective: 0.947, 0.004, 0.947
+    assert ref.health is None  # no ERM epoch: G untrained, no health to report
+    assert result.health is not None
     assert last.val_accuracy >= ref.history[-1].val_accuracy - 0.01
     assert last.csi < 9.0, "rows of G should be nearly orthogonal (max is 90)"
     assert 0.02 <= last.l1_density <= 0.2

@@ -558,12 +558,14 @@ class ERMTrainer:
                     self.save_checkpoint(self.output_dir / "checkpoint")
         finally:
             progress.close()
-        health = erm_health(model, self.val_loader)
-        if acc.is_main_process:
+        # a run without ERM epochs (plain training, e.g. a retrained reference) leaves G
+        # untouched: its prohibition says nothing, so there is no health to report
+        trained_g = any(h.path == "erm" for h in self.history)
+        health = erm_health(model, self.val_loader) if trained_g else None
+        if acc.is_main_process and health is not None:
             if self.show_progress:
                 print(health, flush=True)
-            # a run without ERM epochs (plain training) leaves G untouched: nothing to warn
-            if health.weak and any(h.path == "erm" for h in self.history):
+            if health.weak:
                 warn_user(
                     f"ERM prohibition is weak: with its channels prohibited a class keeps "
                     f"{health.prohibited:.1%} accuracy on val_data (target <= "
