@@ -152,11 +152,16 @@ def test_esc_t_learns_a_mask_that_forgets(trained, plain):
     _, train_set, test_set = trained
     before = state(plain)
     out, info = esc_t(plain, FORGET, train_set)
-    # measured: forget test 0.0 (train 0.029), retain test 0.983, stops after 38 epochs, < 1 s
+    # measured: forget test 0.070 (train 0.107 at threshold 0.7), retain test 0.986 (the
+    # original's 0.986), all 50 epochs, < 1 s, on the teacher of the joint ERM step; the
+    # alternate schedule's teacher stopped early after 38 epochs (forget test 0.0). Early
+    # stopping needs every forget sample wrong under the soft mask, which depends on the
+    # teacher, so it is only checked for consistency
     assert accuracy(out, test_set, FORGET) <= 0.15
     assert accuracy(out, test_set, RETAIN) >= accuracy(plain, test_set, RETAIN) - 0.03
     assert unchanged(plain, before)
-    assert info.method == "esc_t" and info.threshold == 0.7 and info.stopped_early
+    assert info.method == "esc_t" and info.threshold == 0.7
+    assert info.stopped_early == (info.epochs_run < ESCTConfig().epochs)
     assert info.guarantees_zero_forget_accuracy is False
     assert 0.99 < info.mask_kept_fraction < 1.0
     acc_at = info.forget_accuracy_by_threshold
