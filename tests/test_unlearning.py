@@ -1,6 +1,7 @@
 """KTP unlearning on a small real case, sequential requests, checkpoints, bad input."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -356,19 +357,25 @@ def test_fkt_cuts_every_position_of_a_prohibited_channel_in_a_flattened_head():
 
 def test_check_separation_warns_for_a_few_entangled_classes_and_refuses_many():
     """A retain class whose channels all lie in the forget classes' rows cannot be
-    represented: one such class in ten is entanglement (warned, the request goes on; the
-    two-digit class 04 inside 40's row), most of them is a G that never separated."""
+    represented: one such class in ten is entanglement (the request goes on and the
+    entanglement warning names it; the two-digit class 04 inside 40's row), most of them is
+    a G that never separated."""
     from erm_surgery.errors import UnlearningError
     from erm_surgery.unlearning import check_separation
+    from erm_surgery.unlearning.request import entanglement_message
 
     G = torch.zeros(10, 20)
     for c in range(10):
         G[c, 2 * c: 2 * c + 2] = 1.0  # disjoint rows
     G[4] = 0
     G[4, 0] = 1.0  # class 4 uses one channel, which class 0 also uses
-    with pytest.warns(UserWarning, match=r"entanglement.*class\(es\) 4 .*1 of 8"):
-        keep = check_separation(G, [0, 1])
+    keep = check_separation(G, [0, 1])
     assert keep.tolist() == [False] * 4 + [True] * 16
+    lost = {r: (1.0 if r == 4 else 0.0) for r in range(2, 10)}
+    message = entanglement_message([0, 1], lost, 0.3)
+    assert re.search(r"entanglement.*class\(es\) 4 .*1 of 8", message)
+    assert entanglement_message([0, 1], {r: 0.0 for r in range(2, 10)}, 0.3) is None
+    assert "40% of class 3" in entanglement_message([0, 1], {3: 0.4, 5: 0.1}, 0.3)
     starved = G.clone()
     starved[2:] = 0
     starved[2:, 0] = 1.0  # every retain class reads only channel 0

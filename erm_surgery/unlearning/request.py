@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,12 +20,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import as_dataset, check_class_ids, check_labels, raw_labels
-from ..errors import UnlearningError, warn_user
+from ..errors import UnlearningError
 from ..surgery import ERMModel, find_classifier, num_classes_of, unwrap
 
 __all__ = ["MethodInfo", "Request", "parse_request", "check_forget_classes",
            "mark_forgotten", "frozen_mask", "reinitialised", "seeded_rng", "device_name",
-           "classifier_of", "labels_of", "split_data", "check_separation"]
+           "classifier_of", "labels_of", "split_data", "check_separation",
+           "entanglement_message"]
 
 
 @dataclass(kw_only=True)
@@ -242,8 +243,8 @@ def check_separation(G: torch.Tensor, forget: Iterable[int], threshold: float = 
     channels it uses (else the student cannot represent that class: the CLI's 6-epoch
     ResNet lost 100% of every retain class's channels and kept 11% retain accuracy). A few
     such classes (at most :data:`STARVED_LIMIT` of the retain classes) are entangled with
-    the forget classes rather than a sign of an unseparated ``G``: the request goes on,
-    with a warning that names them.
+    the forget classes rather than a sign of an unseparated ``G``: the request goes on, and
+    :func:`entanglement_message` names them.
 
     Raises:
         UnlearningError: with the reason and the fix.
@@ -270,18 +271,40 @@ def check_separation(G: torch.Tensor, forget: Iterable[int], threshold: float = 
         names = ", ".join(map(str, starved[:5])) + (
             f" and {len(starved) - 5} more" if len(starved) > 5 else "")
         retain = G.shape[0] - len(skip)
-        lost = (f"prohibiting the channels of classes {forget} removes every channel that "
-                f"class(es) {names} use ({len(starved)} of {retain} retain classes)")
         if len(starved) > STARVED_LIMIT * retain:
             raise UnlearningError(
-                f"G has not separated the classes: {lost}, so the student could not "
-                f"represent them. {fix}. Nothing was changed")
-        warn_user(f"knowledge entanglement: {lost}: the student cannot represent them and "
-                  "their accuracy will fall to about chance (their images share the forget "
-                  "classes' features). To keep them, raise threshold= so that only the "
-                  "forget classes' strongest channels are prohibited (then check the forget "
-                  "accuracy), or forget them too")
+                f"G has not separated the classes: prohibiting the channels of classes "
+                f"{forget} removes every channel that class(es) {names} use ({len(starved)} "
+                f"of {retain} retain classes), so the student could not represent them. "
+                f"{fix}. Nothing was changed")
     return keep
+
+
+def entanglement_message(forget: Sequence[int], lost: dict[int, float],
+                         limit: float) -> str | None:
+    """The knowledge-entanglement warning of a request, or None: ``lost`` maps each retain
+    class to the fraction of its channels the request prohibits; classes that lose every
+    channel are named first (the student cannot represent them), else the worst three
+    above ``limit``."""
+    starved = sorted(r for r, f in lost.items() if f >= 1.0)
+    if starved:
+        names = ", ".join(map(str, starved[:5])) + (
+            f" and {len(starved) - 5} more" if len(starved) > 5 else "")
+        return (f"knowledge entanglement: prohibiting the channels of classes {list(forget)} "
+                f"removes every channel that class(es) {names} use ({len(starved)} of "
+                f"{len(lost)} retain classes): the student cannot represent them and their "
+                "accuracy will fall to about chance (their images share the forget classes' "
+                "features). To keep them, raise threshold= so that only the forget classes' "
+                "strongest channels are prohibited (then check the forget accuracy), or "
+                "forget them too")
+    entangled = sorted(((f, r) for r, f in lost.items() if f > limit), reverse=True)
+    if not entangled:
+        return None
+    worst = ", ".join(f"{f:.0%} of class {r}" for f, r in entangled[:3])
+    more = f" (worst 3 of {len(entangled)} classes)" if len(entangled) > 3 else ""
+    return (f"knowledge entanglement: prohibiting the channels of classes {list(forget)} "
+            f"also removes {worst}'s channels{more}; their accuracy may drop. Train longer "
+            "with ERM or raise threshold=.")
 
 
 def device_name(device: torch.device | str) -> str:

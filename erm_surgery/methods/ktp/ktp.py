@@ -42,7 +42,13 @@ from ...surgery import ERMModel, attach
 from ...training.checks import NonFiniteWatch
 from ...training.optim import cosine_schedule
 from ...unlearning.registry import register_method
-from ...unlearning.request import check_separation, parse_request, reinitialised, seeded_rng
+from ...unlearning.request import (
+    check_separation,
+    entanglement_message,
+    parse_request,
+    reinitialised,
+    seeded_rng,
+)
 from .cache import CACHE_DTYPES, TeacherCache, rank_shard, split_budget
 from .config import KTPConfig, KTPInfo
 from .fkt import head_layers, transfer_head
@@ -203,15 +209,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     keep = teacher.erm.keep_mask(forget, config.threshold)
     per_forget, lost = _entanglement(G, forget, keep, config.threshold,
                                      teacher.erm.forgotten_classes)
-    entangled = sorted(((f, r) for r, f in lost.items() if f > config.entanglement_warning),
-                       reverse=True)
-    if entangled:
-        worst = ", ".join(f"{f:.0%} of class {r}" for f, r in entangled[:3])
-        more = f" (worst 3 of {len(entangled)} classes)" if len(entangled) > 3 else ""
-        warn_user(
-            f"knowledge entanglement: prohibiting the channels of classes {forget} also "
-            f"removes {worst}'s channels{more}; their accuracy may drop. Train longer with "
-            "ERM or raise threshold=.")
+    message = entanglement_message(forget, lost, config.entanglement_warning)
+    if message:
+        warn_user(message)
 
     s, same = _fresh_student(teacher, student, config.seed)
     s.train()
