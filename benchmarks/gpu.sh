@@ -5,9 +5,10 @@
 #    channels_last, every default model, 2 seeds, with the plain-training reference;
 # 2. benchmarks/unlearn_vs_retrain.py on resnet18 and resnet50. That script has no size /
 #    precision flags: it runs at 32 px in fp32 (its own defaults).
-# 3. benchmarks/ktp_speed.py (issue 18): a KTP epoch against a training epoch on the GPU,
-#    the default and the pre-issue-18 recipe, and the NHWC student against NHWC training
-#    (fp32, 32 px; CUDA peak memory in its table).
+# 3. benchmarks/ktp_speed.py (issue 18): a KTP epoch against a training epoch on the GPU
+#    (float32 and bf16 training references, interleaved): the default (bf16 student where
+#    the GPU supports it), a float32 student, the pre-issue-18 recipe, and the NHWC
+#    student against NHWC training (32 px; CUDA peak memory in its table).
 # Everything lands in benchmarks/results/gpu/ (one folder per run, logs next to results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,6 @@ for model in resnet18 resnet50; do
 done
 "$PYTHON" benchmarks/ktp_speed.py --models test_resnet,resnet18,resnet50 \
     --epochs test_resnet=16,resnet18=8,resnet50=8 --train-epochs 2 --threads 8 \
-    --recipes "min_steps 200;default" --out "$OUT" --name ktp_speed 2>&1 | tee "$OUT/ktp_speed.log"
+    --recipes "min_steps 200;default;default, student float32;default, student NHWC" \
+    --out "$OUT" --name ktp_speed 2>&1 | tee "$OUT/ktp_speed.log"
 echo "results in $OUT"

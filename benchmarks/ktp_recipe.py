@@ -73,6 +73,9 @@ RECIPES: dict[str, KTPConfig] = {
     # issue 18, fourth round: the teacher pass in float32 (the default before
     # teacher_precision="auto" took bfloat16 autocast on CPUs and GPUs fast at it)
     "KTPConfig(), teacher pass float32": KTPConfig(teacher_precision="float32"),
+    # issue 18, fifth round: the student's steps in float32 (the default before
+    # student_precision="auto" took bfloat16 autocast where fast)
+    "KTPConfig(), student float32": KTPConfig(student_precision="float32"),
 }
 
 

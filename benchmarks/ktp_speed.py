@@ -4,11 +4,15 @@ For each model: ERM-train a teacher on MNIST-5k (4,000 train / 1,000 test digits
 32x32), then, on the same retain data (all classes but the forget set):
 
 - a training epoch: plain supervised training of a fresh copy of the model at
-  :func:`erm_surgery.train`'s batch 128 (``--train-epochs`` epochs, seconds / epoch);
+  :func:`erm_surgery.train`'s batch 128 (``--train-epochs`` epochs, seconds / epoch), in
+  float32 (the library's default) and under bfloat16 autocast (``mixed_precision="bf16"``,
+  the same arithmetic as a bfloat16 student);
 - a KTP epoch: ``ktp`` with each KTP recipe below, its total time (teacher pass, cache,
   distillation) divided by its epochs, so the teacher pass is amortised.
 
-Seconds are this process's CPU seconds (``time.process_time``: robust when other jobs
+Training references and KTP recipes are timed in ``--rounds`` interleaved rounds (medians
+reported), so that a change in machine load hits both sides of a ratio alike. Seconds are
+this process's CPU seconds (``time.process_time``: robust when other jobs
 share the machine; run with ``OMP_NUM_THREADS=1`` so that CPU time is compute time) and
 wall seconds. Peak memory: the process's resident set during the call and its rise over
 the resident set before it, and on CUDA ``max_memory_allocated``, both measured the same
@@ -29,8 +33,10 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from statistics import median
 
 import torch
+from accelerate.state import AcceleratorState
 from torch.utils.data import Subset, TensorDataset
 from unlearn_vs_retrain import STD_ONLY, Clock, fresh  # sibling script
 
@@ -58,6 +64,13 @@ RECIPES = {"before (batch 32)": replace(OLD, teacher_channels_last=False,
            # the default before teacher_precision="auto" (bfloat16 where fast)
            "default, teacher float32": KTPConfig(teacher_precision="float32",
                                                  show_progress=False),
+           # the default before student_precision="auto" (bfloat16 steps where fast)
+           "default, student float32": KTPConfig(student_precision="float32",
+                                                 show_progress=False),
+           # bfloat16 steps whatever the model ("auto" keeps float32 for depthwise
+           # convolutions on a CPU)
+           "default, student bfloat16": KTPConfig(student_precision="bfloat16",
+                                                  show_progress=False),
            # the student in NHWC too: timed against a training epoch in NHWC
            "default, student NHWC": KTPConfig(channels_last=True, show_progress=False),
            # the best trade-off measured (ktp_batch_warmup/ktp_recipe.md): batch 64 on
@@ -79,28 +92,63 @@ def _memory(peak: PeakMemory) -> dict:
             "cuda_peak_mib": peak.cuda_peak_mib}
 
 
+def _shifted_copies(images: torch.Tensor, labels: torch.Tensor, copies: int,
+                    seed: int) -> TensorDataset:
+    """``images`` and ``copies - 1`` copies of them, each shifted by a random offset of up
+    to 2 px (one offset per copy and image, seeded; the digits' zero border wraps round)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [images]
+    for _ in range(copies - 1):
+        shifts = torch.randint(-2, 3, (len(images), 2), generator=g).tolist()
+        parts.append(torch.stack([img.roll((dy, dx), dims=(-2, -1))
+                                  for img, (dy, dx) in zip(images, shifts, strict=True)]))
+    return TensorDataset(torch.cat(parts), labels.repeat(copies))
+
+
+def _train_epoch(name: str, retain: Subset, key: tuple[str, bool],
+                 args: argparse.Namespace) -> tuple[Clock, PeakMemory]:
+    """Plain supervised training of a fresh copy of ``name`` on ``retain``, timed: ``key`` =
+    (Accelerate's mixed precision, channels_last)."""
+    mixed_precision, nhwc = key
+    plain = fresh(name, args.seed + 1)
+    # Accelerate allows one mixed-precision setting per process: a fresh state for each
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with Clock() as clock, PeakMemory(DEVICE) as peak, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "classes [3] have no samples": on purpose
+            erm_surgery.train(plain, retain, epochs=args.train_epochs, config=STD_ONLY,
+                              seed=args.seed, show_progress=False, channels_last=nhwc,
+                              mixed_precision=mixed_precision)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return clock, peak
+
+
 def render(data: dict) -> list[str]:
     """The Markdown table of one run's JSON."""
     md = ["# A KTP epoch against a training epoch", "",
           f"`{data.get('command', 'python benchmarks/ktp_speed.py')}` ({data['setting']}).",
           *([data["note"]] if "note" in data else []), "",
           "Training epoch: plain supervised training of the same model on the same retain "
-          "data, batch 128, in the student's memory layout (NHWC for the 'student NHWC' "
-          "recipe, else NCHW). KTP epoch: the whole `ktp` call (teacher pass included) / its "
-          "epochs. CPU seconds of this process; ratio = KTP / training (wall ratio in "
-          "brackets). Memory: peak resident set during the call and its rise over the "
-          "set before it, MiB.", "",
-          "| model | recipe | batch | steps | train s/epoch | KTP s/epoch | ratio | "
-          "train RSS peak (rise) | KTP RSS peak (rise) | cache MiB | retain acc "
-          "(teacher) |",
-          "| --- " * 11 + "|"]
+          "data with `erm_surgery.train` (batch 128, float32: the library's default), in the "
+          "student's memory layout (NHWC for the 'student NHWC' recipe, else NCHW). KTP "
+          "epoch: the whole `ktp` call (teacher pass included) / its epochs. CPU seconds of "
+          "this process, median of the interleaved rounds; ratio = KTP / training (wall "
+          "ratio in brackets); 'same prec.' = KTP / a training epoch at the student's "
+          "precision (`mixed_precision='bf16'` for a bfloat16 student). Memory: peak "
+          "resident set during the call and its rise over the set before it, MiB.", "",
+          "| model | recipe | batch | steps | student | train s/epoch | KTP s/epoch | ratio | "
+          "same prec. | train RSS peak (rise) | KTP RSS peak (rise) | cache MiB | "
+          "retain acc (teacher) |",
+          "| --- " * 13 + "|"]
     for r in data["rows"]:
         t, m = r["train"], r["ktp_memory"]
         md.append(
             f"| {r['model']} ({r.get('retain_samples', 3588)} retain) | {r['recipe']} | "
-            f"{r['batch_size']} | {r['steps']} | "
+            f"{r['batch_size']} | {r['steps']} | {r.get('student_precision', 'float32')} | "
             f"{t['cpu_s_per_epoch']:.1f} | {r['ktp_cpu_s_per_epoch']:.1f} | "
             f"{r['ratio_cpu']:.2f} ({r['ratio_wall']:.2f}) | "
+            f"{r.get('ratio_cpu_same_precision', r['ratio_cpu']):.2f} | "
             f"{t['rss_peak_mib']:.0f} ({t['rss_rise_mib']:+.0f}) | "
             f"{m['rss_peak_mib']:.0f} ({m['rss_rise_mib']:+.0f}) | {r['cache_mib']:.1f} | "
             f"{r['retain_acc_test']:.3f} ({r['teacher_retain_acc_test']:.3f}) |")
@@ -119,10 +167,17 @@ def main() -> None:
                         help="';'-separated RECIPES names (exact) or substrings of them "
                              "(default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="timings per training reference and recipe, interleaved; "
+                             "the medians are reported")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", default="",
                         help="training digits per model, of the 4,000 (model=n, "
                              "','-separated; default all): to fit a large model's run")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="the training digits and N-1 copies of them shifted by up to "
+                             "2 px: data past 6,400 retain samples, where the batch policy "
+                             "takes batch 128")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="ktp_speed", help="result file stem")
     parser.add_argument("--hand-g", default="",
@@ -152,7 +207,8 @@ def main() -> None:
     for name in args.models.split(","):
         epochs = teacher_epochs.get(name, 4)
         n = samples.get(name, len(all_train))
-        train_set = TensorDataset(*(t[:n] for t in all_train.tensors))
+        train_set = _shifted_copies(*(t[:n] for t in all_train.tensors), args.copies,
+                                    args.seed)
         labels = train_set.tensors[1]
         retain = Subset(train_set, [i for i, y in enumerate(labels.tolist())
                                     if y not in forget])
@@ -162,6 +218,9 @@ def main() -> None:
                               seed=args.seed, show_progress=False)
         erm_epoch = clock.cpu / epochs
         hand_g = name in args.hand_g.split(",")
+        train_rows: dict = {}
+        train_memory: dict = {}
+        results: dict = {}
         if hand_g:  # KTP refuses an unseparated G; timing needs only a separated one
             with torch.no_grad():
                 G = teacher.erm.G
@@ -169,43 +228,61 @@ def main() -> None:
                 G.zero_()
                 for c in range(G.shape[0]):
                     G[c, own * c:own * (c + 1)] = 1.0
-        train_rows = {}
-        for nhwc in sorted({r.channels_last for r in recipes.values()}):
-            plain = fresh(name, args.seed + 1)
-            with Clock() as clock, PeakMemory(DEVICE) as peak, warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "classes [3] have no samples": on purpose
-                erm_surgery.train(plain, retain, epochs=args.train_epochs, config=STD_ONLY,
-                                  seed=args.seed, show_progress=False, channels_last=nhwc)
-            train_rows[nhwc] = {"cpu_s_per_epoch": clock.cpu / args.train_epochs,
-                                "wall_s_per_epoch": clock.wall / args.train_epochs,
-                                "channels_last": nhwc, **_memory(peak)}
-            del plain
-            print(json.dumps({"model": name, "train": train_rows[nhwc]}), flush=True)
-        for label, recipe in recipes.items():
-            config = replace(recipe, seed=args.seed)
-            with warnings.catch_warnings():  # entanglement warnings: expected here
-                warnings.simplefilter("ignore")
-                with Clock() as clock, PeakMemory(DEVICE) as peak:
-                    student, info = ktp(teacher, forget, train_set, config=config)
+        # the training epochs a recipe is compared with: float32 (the library's default,
+        # what a retrain with erm_surgery.train runs) and bfloat16 autocast (the same
+        # arithmetic as a bfloat16 student), in each memory layout a recipe uses
+        references = [(mp, nhwc) for nhwc in sorted({r.channels_last for r in recipes.values()})
+                      for mp in ("no", "bf16")]
+        cpu_s: dict = {key: [] for key in [*references, *recipes]}
+        wall_s: dict = {key: [] for key in [*references, *recipes]}
+        for _ in range(args.rounds):  # interleaved: machine load hits both sides alike
+            for key in references:
+                clock, peak = _train_epoch(name, retain, key, args)
+                cpu_s[key].append(clock.cpu / args.train_epochs)
+                wall_s[key].append(clock.wall / args.train_epochs)
+                train_memory[key] = _memory(peak)
+            for label, recipe in recipes.items():
+                config = replace(recipe, seed=args.seed)
+                with warnings.catch_warnings():  # entanglement warnings: expected here
+                    warnings.simplefilter("ignore")
+                    with Clock() as clock, PeakMemory(DEVICE) as peak:
+                        student, info = ktp(teacher, forget, train_set, config=config)
+                cpu_s[label].append(clock.cpu / info.epochs)
+                wall_s[label].append(clock.wall / info.epochs)
+                results[label] = (student, info, _memory(peak))
+        for key in references:
+            train_rows[key] = {"cpu_s_per_epoch": median(cpu_s[key]),
+                               "wall_s_per_epoch": median(wall_s[key]),
+                               "cpu_s_per_epoch_rounds": cpu_s[key],
+                               "mixed_precision": key[0], "channels_last": key[1],
+                               **train_memory[key]}
+            print(json.dumps({"model": name, "train": train_rows[key]}), flush=True)
+        for label, (student, info, memory) in results.items():
             report = evaluate(student, forget, train_set, test_set, original=teacher,
                               metrics=("accuracy",))
             acc = report.accuracy
-            train_row = train_rows[config.channels_last]
+            nhwc = recipes[label].channels_last
+            default = train_rows[("no", nhwc)]
+            same = train_rows[("bf16" if info.student_precision == "bfloat16" else "no", nhwc)]
+            ktp_cpu, ktp_wall = median(cpu_s[label]), median(wall_s[label])
             row = {"model": name, "teacher_epochs": epochs, "recipe": label,
                    "train_samples": n, "retain_samples": len(retain), "hand_g": hand_g,
                    "batch_size": info.batch_size, "lr": info.lr,
                    "warmup_steps": info.warmup_steps,
                    "teacher_channels_last": info.teacher_channels_last,
+                   "teacher_precision": info.teacher_precision,
+                   "student_precision": info.student_precision,
                    "ktp_epochs": info.epochs, "samples": info.samples,
                    "steps": info.steps, "cached_samples": info.cached_samples,
                    "cache_mib": info.cache_bytes / (1 << 20),
                    "erm_train_cpu_s_per_epoch": erm_epoch,
-                   "train": train_row,
-                   "ktp_cpu_s_per_epoch": clock.cpu / info.epochs,
-                   "ktp_wall_s_per_epoch": clock.wall / info.epochs,
-                   "ratio_cpu": clock.cpu / info.epochs / train_row["cpu_s_per_epoch"],
-                   "ratio_wall": clock.wall / info.epochs / train_row["wall_s_per_epoch"],
-                   "ktp_memory": _memory(peak),
+                   "train": default, "train_same_precision": same,
+                   "ktp_cpu_s_per_epoch": ktp_cpu, "ktp_wall_s_per_epoch": ktp_wall,
+                   "ktp_cpu_s_per_epoch_rounds": cpu_s[label],
+                   "ratio_cpu": ktp_cpu / default["cpu_s_per_epoch"],
+                   "ratio_wall": ktp_wall / default["wall_s_per_epoch"],
+                   "ratio_cpu_same_precision": ktp_cpu / same["cpu_s_per_epoch"],
+                   "ktp_memory": memory,
                    "info_peak_rss_mib": info.peak_rss_mib,
                    "info_cuda_peak_mib": info.cuda_peak_mib,
                    "retain_acc_test": acc["model"].retain_test,
@@ -213,11 +290,11 @@ def main() -> None:
                    "forget_acc_test": acc["model"].forget_test}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            del student
         del teacher
 
     setting = (f"MNIST-5k: the first n of {len(all_train)} train digits (n per row, default "
-               f"all) / {len(test_set)} test at 32x32, forget {forget}, {DEVICE}, "
+               f"all; x{args.copies} with shifted copies) / {len(test_set)} test at 32x32, "
+               f"forget {forget}, {DEVICE}, "
                f"{args.threads} thread(s), torch {torch.__version__}, seed {args.seed}")
     command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/ktp_speed.py "
                + " ".join(shlex.quote(a) for a in sys.argv[1:]))

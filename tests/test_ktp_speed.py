@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import Subset
 
 from erm_surgery.methods.ktp import KTPConfig, ktp
@@ -66,6 +67,24 @@ def test_a_half_precision_cache_takes_half_the_bytes(mnist_teacher):
     assert abs(info.final_mse - full_info.final_mse) < 0.05 * full_info.final_mse + 1e-3
 
 
+def test_the_student_precision_takes_effect_and_is_recorded(mnist_teacher, monkeypatch):
+    from erm_surgery.methods.ktp import layout
+
+    teacher_fp32 = dict(teacher_precision="float32")  # the same targets for every run
+    fp32, info32 = _run(mnist_teacher, student_precision="float32", **teacher_fp32)
+    bf16, info16 = _run(mnist_teacher, student_precision="bfloat16", **teacher_fp32)
+    assert (info32.student_precision, info16.student_precision) == ("float32", "bfloat16")
+    # another arithmetic: a close student, not the same one
+    diffs = [(a - b).abs().max() for a, b in zip(fp32.parameters(), bf16.parameters(), strict=True)]
+    assert max(diffs) > 0
+    assert abs(info16.final_mse - info32.final_mse) < 0.1 * info32.final_mse + 1e-3
+    # "auto" on hardware without fast bfloat16 is the float32 run, exactly
+    monkeypatch.setattr(layout, "fast_bfloat16", lambda device: False)
+    auto, info = _run(mnist_teacher, **teacher_fp32)
+    assert info.student_precision == "float32"
+    _same_weights(auto, fp32, atol=0)
+
+
 @pytest.mark.parametrize("n,procs", [(10, 3), (101, 2), (4, 4)])
 def test_rank_shards_are_equal_disjoint_and_fixed_by_the_seed(n, procs):
     shards = [rank_shard(n, procs, r, seed=5) for r in range(procs)]
@@ -108,20 +127,41 @@ def test_auto_precision_takes_bfloat16_only_where_the_hardware_is_fast(monkeypat
     from erm_surgery.methods.ktp import layout
 
     cpu = torch.device("cpu")
-    assert layout.teacher_autocast(cpu, "float32") is None
-    assert layout.teacher_autocast(cpu, "bfloat16") is torch.bfloat16
+    assert layout.autocast_dtype(cpu, "float32") is None
+    assert layout.autocast_dtype(cpu, "bfloat16") is torch.bfloat16
     monkeypatch.setattr(layout, "fast_bfloat16", lambda device: False)
-    assert layout.teacher_autocast(cpu, "auto") is None
+    assert layout.autocast_dtype(cpu, "auto") is None
     monkeypatch.setattr(layout, "fast_bfloat16", lambda device: True)
-    assert layout.teacher_autocast(cpu, "auto") is torch.bfloat16
+    assert layout.autocast_dtype(cpu, "auto") is torch.bfloat16
     with pytest.raises(ValueError, match="teacher_precision"):
-        layout.teacher_autocast(cpu, "fp8")
+        layout.autocast_dtype(cpu, "fp8", name="teacher_precision")
+
+
+def test_auto_student_precision_keeps_float32_for_depthwise_convolutions_on_cpu(monkeypatch):
+    """oneDNN's bfloat16 backward of depthwise convolutions is slower than float32 on a CPU:
+    "auto" trains such a model in float32 there, other models in bfloat16."""
+    from erm_surgery.methods.ktp import layout
+
+    monkeypatch.setattr(layout, "fast_bfloat16", lambda device: True)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2))
+    depthwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
+    cpu = torch.device("cpu")
+    assert not layout.depthwise_convolutions(plain)
+    assert layout.depthwise_convolutions(depthwise)
+    assert layout.autocast_dtype(cpu, "auto", trains=plain) is torch.bfloat16
+    assert layout.autocast_dtype(cpu, "auto", trains=depthwise) is None
+    assert layout.autocast_dtype(cpu, "auto") is torch.bfloat16  # a forward-only pass
+    assert layout.autocast_dtype(cpu, "bfloat16", trains=depthwise) is torch.bfloat16
+    assert layout.autocast_dtype(torch.device("cuda"), "auto", trains=depthwise) is (
+        torch.bfloat16)  # the rule is the CPU's: (monkeypatched) fast GPUs take bfloat16
 
 
 @pytest.mark.parametrize("fields,word", [(dict(cache_bytes=-1), "cache_bytes"),
                                          (dict(cache_dtype="int8"), "cache_dtype"),
                                          (dict(teacher_precision="half"),
-                                          "teacher_precision")])
+                                          "teacher_precision"),
+                                         (dict(student_precision="fp16"),
+                                          "student_precision")])
 def test_bad_cache_settings_name_the_field(fields, word):
     with pytest.raises(ValueError, match=word):
         KTPConfig(**fields)
@@ -133,6 +173,7 @@ class _Rank:
 
     num_processes = 2
     is_main_process = True
+    mixed_precision = "no"
     device = torch.device("cpu")
 
     def __init__(self, index: int) -> None:

@@ -312,8 +312,10 @@ def test_bf16_autocast_and_channels_last_on_cpu(mnist_small, fresh_accelerate_st
     assert abs(fast.history[0].loss - ref.history[0].loss) < 0.05
     assert (model.erm.G - ref.model.erm.G).abs().mean() < 0.03  # chaotic, but close
     separated(model)  # one epoch does not separate the classes; KTP would refuse
-    student, _ = ktp(model, [3], train_set, accelerator=bf16,
-                     config=KTPConfig(epochs=1, channels_last=True, show_progress=False))
+    student, info = ktp(model, [3], train_set, accelerator=bf16,
+                        config=KTPConfig(epochs=1, channels_last=True, show_progress=False))
+    # the accelerator's autocast runs the student's steps; KTP adds none of its own
+    assert info.student_precision == "bf16 (accelerator)"
     with torch.no_grad():
         pred = student(torch.stack([test_set[i][0] for i in range(200)])).argmax(1)
     assert not (pred == 3).any()

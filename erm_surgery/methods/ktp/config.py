@@ -9,7 +9,7 @@ from typing import Any
 from ...training.optim import Recipe
 from ...unlearning.request import MethodInfo
 from .cache import CACHE_DTYPES
-from .layout import TEACHER_PRECISIONS
+from .layout import PRECISIONS
 
 __all__ = ["AUTO_WARMUP_STEPS", "KTPConfig", "KTPInfo"]
 
@@ -96,6 +96,14 @@ class KTPConfig(Recipe):
             significant digits (the retain accuracy of the student is unchanged within
             the noise of a run, docs/unlearning.md); :attr:`KTPInfo.teacher_precision`
             says which ran.
+        student_precision: the arithmetic of the student's distillation steps (forward and
+            loss under autocast; weights, gradients and the optimiser stay float32):
+            ``"auto"`` (bfloat16 where the device has fast bfloat16 and, on a CPU, the
+            model has no depthwise convolution, whose bfloat16 backward oneDNN runs slower
+            than float32: :func:`~erm_surgery.methods.ktp.layout.autocast_dtype`),
+            ``"float32"`` or ``"bfloat16"``. Ignored when the accelerator passed to
+            ``unlearn`` already runs mixed precision. :attr:`KTPInfo.student_precision`
+            says which ran.
         num_workers: DataLoader worker processes for reading and augmenting images (0 =
             in the main process; raise it for image folders with decoding and transforms).
     """
@@ -124,6 +132,7 @@ class KTPConfig(Recipe):
     channels_last: bool = False
     teacher_channels_last: bool = True
     teacher_precision: str = "auto"
+    student_precision: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,9 +152,10 @@ class KTPConfig(Recipe):
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 or None (a budget from free memory), "
                              f"got {self.cache_bytes}")
-        if self.teacher_precision not in TEACHER_PRECISIONS:
-            raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got "
-                             f"{self.teacher_precision!r}")
+        for name in ("teacher_precision", "student_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise ValueError(f"{name} must be one of {PRECISIONS}, got "
+                                 f"{getattr(self, name)!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got "
                              f"{self.cache_dtype!r}")
@@ -204,6 +214,8 @@ class KTPInfo(MethodInfo):
         teacher_channels_last: whether the teacher pass ran in NHWC.
         teacher_precision: the teacher pass's autocast dtype (``"bfloat16"``), or
             ``"float32"`` when it ran in the teacher's own precision.
+        student_precision: the distillation steps' autocast dtype, ``"float32"`` without
+            autocast, or the accelerator's mixed precision (``"bf16 (accelerator)"``).
         steps: optimiser steps run.
         cached_samples: samples whose teacher maps were cached (this process's; the others
             were streamed).
@@ -233,6 +245,7 @@ class KTPInfo(MethodInfo):
     warmup_steps: int = 0
     teacher_channels_last: bool = False
     teacher_precision: str = "float32"
+    student_precision: str = "float32"
     steps: int = 0
     cached_samples: int = 0
     cache_bytes: int = 0

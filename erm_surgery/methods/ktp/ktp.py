@@ -52,7 +52,7 @@ from ...unlearning.request import (
 from .cache import CACHE_DTYPES, TeacherCache, rank_shard, split_budget
 from .config import KTPConfig, KTPInfo
 from .fkt import head_layers, transfer_head
-from .layout import teacher_autocast, teacher_in_channels_last, to_channels_last
+from .layout import autocast_dtype, teacher_in_channels_last, to_channels_last
 from .memory import PeakMemory
 
 __all__ = ["ktp"]
@@ -288,7 +288,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     # is cheaper per sample (measured on one CPU thread: 256 beat 64 by 5-20% on
     # test_resnet and resnet18) and costs little memory
     pass_batch = max(2 * batch_size, PASS_BATCH)
-    autocast = teacher_autocast(device, config.teacher_precision)
+    autocast = autocast_dtype(device, config.teacher_precision, name="teacher_precision")
     progress = tqdm(total=max(1, len(loader) * config.epochs)
                     + (math.ceil(len(positions) / pass_batch) if cache_on else 0),
                     desc="KTP teacher pass", unit="batch", dynamic_ncols=True,
@@ -304,6 +304,14 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         wrapped, opt, sched = acc.prepare(s, opt, sched)
     else:
         wrapped, opt, loader, sched = acc.prepare(s, opt, loader, sched)
+    # the student's steps under bfloat16 autocast where the hardware is fast at it, unless
+    # the caller's accelerator already runs mixed precision (its prepared forward autocasts)
+    own_amp = acc.mixed_precision == "no"
+    student_amp = (autocast_dtype(device, config.student_precision, trains=s,
+                                  name="student_precision") if own_amp else None)
+    # one context for every step (an autocast object can be entered again and again)
+    amp = (torch.autocast(device.type, dtype=student_amp) if student_amp
+           else contextlib.nullcontext())
     last = torch.zeros((), device=device)
     steps = 0
     watch = NonFiniteWatch(device, "KTP distillation", UnlearningError, acc)
@@ -314,24 +322,24 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
             x = x.to(device)  # a prepared loader has moved it already; a shard's has not
             if config.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            target = teacher_maps.targets(x, i)
-            if head_terms:  # features and logits from one pass, through DDP's forward
-                out, logits = wrapped(x, return_features="both")
-            else:
-                out = wrapped(x, return_features=True)
-            target = target.to(out.dtype)
-            distill = _distill_loss(out, target, cd, config.pooled_weight)
-            loss = distill
-            if label_weight:
-                y = distill_labels[i.to(device)]
-                loss = loss + label_weight * _retain_label_loss(logits, y)
-            if config.logit_weight:
-                head = acc.unwrap_model(wrapped).forward_head
-                with torch.no_grad():
-                    soft = F.softmax(head(target) / config.temperature, dim=1)
-                log_p = F.log_softmax(logits / config.temperature, dim=1)
-                loss = loss + config.logit_weight * config.temperature ** 2 * F.kl_div(
-                    log_p, soft, reduction="batchmean")
+            target = teacher_maps.targets(x, i).float()
+            with amp:
+                if head_terms:  # features and logits from one pass, through DDP's forward
+                    out, logits = wrapped(x, return_features="both")
+                else:
+                    out = wrapped(x, return_features=True)
+                distill = _distill_loss(out.float(), target, cd, config.pooled_weight)
+                loss = distill
+                if label_weight:
+                    y = distill_labels[i.to(device)]
+                    loss = loss + label_weight * _retain_label_loss(logits, y)
+                if config.logit_weight:
+                    head = acc.unwrap_model(wrapped).forward_head
+                    with torch.no_grad():
+                        soft = F.softmax(head(target).float() / config.temperature, dim=1)
+                    log_p = F.log_softmax(logits.float() / config.temperature, dim=1)
+                    loss = loss + config.logit_weight * config.temperature ** 2 * F.kl_div(
+                        log_p, soft, reduction="batchmean")
             acc.backward(loss)
             opt.step()
             if train_head:  # weight decay and momentum must not reopen what FKT blocked
@@ -364,6 +372,8 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         batch_size=batch_size, lr=lr, warmup_steps=config.warmup_for(batch_size),
         teacher_channels_last=nhwc,
         teacher_precision=str(autocast or torch.float32).removeprefix("torch."),
+        student_precision=(str(student_amp or torch.float32).removeprefix("torch.")
+                           if own_amp else f"{acc.mixed_precision} (accelerator)"),
         steps=steps, cached_samples=teacher_maps.cached,
         cache_bytes=teacher_maps.nbytes,
         streamed_batches=teacher_maps.streamed_batches,
