@@ -51,7 +51,10 @@ def _rank(out: str) -> None:
     torch.manual_seed(0)  # the same teacher on both ranks
     teacher = separated(E.attach(timm.create_model("test_resnet", num_classes=4,
                                                    in_chans=1)))
-    config = KTPConfig(epochs=1, batch_size=16, seed=2, show_progress=False)
+    # float32 steps: the check is about the cache, and bfloat16 steps turn a last-bit
+    # difference between the batch-256 and the batch-16 teacher pass into 1e-2 (measured)
+    config = KTPConfig(epochs=1, batch_size=16, seed=2, show_progress=False,
+                       student_precision="float32")
     cached, info = ktp(teacher, [FORGET], data, accelerator=acc, config=config)
     streamed, s_info = ktp(teacher, [FORGET], data, accelerator=acc,
                            config=replace(config, cache_bytes=0))
