@@ -139,6 +139,20 @@ def test_auto_precision_takes_bfloat16_only_where_the_hardware_is_fast(monkeypat
         layout.autocast_dtype(cpu, "fp8", name="teacher_precision")
 
 
+def test_fast_bfloat16_on_cuda_means_ampere_or_later_not_emulation(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100, which only emulate
+    bfloat16: "auto" must keep float32 there."""
+    from erm_surgery.methods.ktp import layout
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, fast in [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: c)
+        assert layout.fast_bfloat16(cuda) is fast
+        assert (layout.autocast_dtype(cuda, "auto") is torch.bfloat16) is fast
+
+
 def test_auto_student_precision_keeps_float32_for_depthwise_convolutions_on_cpu(monkeypatch):
     """oneDNN's bfloat16 backward of depthwise convolutions is slower than float32 on a CPU:
     "auto" trains such a model in float32 there, other models in bfloat16."""

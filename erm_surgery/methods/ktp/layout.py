@@ -72,11 +72,13 @@ def teacher_in_channels_last(teacher: nn.Module, enabled: bool,
 
 
 def fast_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` has fast bfloat16 arithmetic: a CUDA GPU that supports it, or a
-    CPU with AVX512-BF16 or AMX (without them oneDNN emulates bfloat16, slower than
-    float32)."""
+    """Whether ``device`` has fast bfloat16 arithmetic: a CUDA GPU of compute capability 8
+    or later (Ampere, Hopper, ...) or a ROCm GPU, or a CPU with AVX512-BF16 or AMX (without
+    them oneDNN emulates bfloat16, slower than float32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # compute capability 8 (Ampere) and later; torch.cuda.is_bf16_supported() also
+        # says yes for older GPUs that only emulate bfloat16, slower than float32
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
