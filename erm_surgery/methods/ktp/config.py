@@ -91,9 +91,10 @@ class KTPConfig(Recipe):
             forward refuses NHWC runs in its own layout (:mod:`.layout`).
         teacher_precision: the teacher pass's arithmetic: ``"auto"`` (bfloat16 autocast
             where the device has fast bfloat16, a CPU with AVX512-BF16 or AMX or a CUDA GPU
-            of compute capability 8 or later: 0.50-0.64x of the float32 pass's time on a CPU, measured;
-            float32 elsewhere), ``"float32"`` or ``"bfloat16"``. The maps keep bfloat16's 3
-            significant digits (the retain accuracy of the student is unchanged within
+            of compute capability 8 or later: 0.50-0.64x of the float32 pass's time on a
+            CPU, measured; float32 elsewhere), ``"float32"`` or ``"bfloat16"``. The maps
+            keep bfloat16's 3 significant digits (the retain accuracy of the student is
+            unchanged within
             the noise of a run, docs/unlearning.md); :attr:`KTPInfo.teacher_precision`
             says which ran.
         student_precision: the arithmetic of the student's distillation steps (forward and
