@@ -94,9 +94,8 @@ class KTPConfig(Recipe):
             of compute capability 8 or later: 0.50-0.64x of the float32 pass's time on a
             CPU, measured; float32 elsewhere), ``"float32"`` or ``"bfloat16"``. The maps
             keep bfloat16's 3 significant digits (the retain accuracy of the student is
-            unchanged within
-            the noise of a run, docs/unlearning.md); :attr:`KTPInfo.teacher_precision`
-            says which ran.
+            unchanged within the noise of a run, docs/unlearning.md);
+            :attr:`KTPInfo.teacher_precision` says which ran.
         student_precision: the arithmetic of the student's distillation steps (forward and
             loss under autocast; weights, gradients and the optimiser stay float32):
             ``"auto"`` (bfloat16 where the device has fast bfloat16 and, on a CPU, the
