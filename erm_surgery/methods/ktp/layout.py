@@ -100,10 +100,12 @@ def autocast_dtype(device: torch.device, precision: str, *,
     :func:`fast_bfloat16`; ``None`` (float32) otherwise.
 
     ``trains``: the model whose training steps (forward and backward) will run under it.
-    On a CPU, ``"auto"`` keeps float32 for a model with depthwise convolutions: oneDNN's
-    bfloat16 backward of those is slower than float32 (a training step of efficientnet_b0
-    and mobilenetv3_large_100 took 1.2-1.3x its float32 time, convnext_atto 1.0x, while
-    resnet18, test_resnet and regnety_016 took 0.65-0.8x; 32 px, one thread, AVX512-BF16).
+    On a CPU, ``"auto"`` keeps float32 for a model with depthwise convolutions, the
+    families measured slower in bfloat16: a training step of efficientnet_b0 and
+    mobilenetv3_large_100 took 1.2-1.3x its float32 time and convnext_atto 1.0x, while
+    resnet18, test_resnet and regnety_016 took 0.65-0.8x (32 px, one thread, AVX512-BF16).
+    A rule by measurement: single depthwise layers timed alone did not show the cause
+    (docs/unlearning.md, "Speed and memory").
     """
     if precision not in PRECISIONS:
         raise ValueError(f"{name} must be one of {PRECISIONS}, got {precision!r}")
