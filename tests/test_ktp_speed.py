@@ -153,22 +153,27 @@ def test_fast_bfloat16_on_cuda_means_ampere_or_later_not_emulation(monkeypatch):
         assert (layout.autocast_dtype(cuda, "auto") is torch.bfloat16) is fast
 
 
-def test_auto_student_precision_keeps_float32_for_depthwise_convolutions_on_cpu(monkeypatch):
-    """oneDNN's bfloat16 backward of depthwise convolutions is slower than float32 on a CPU:
-    "auto" trains such a model in float32 there, other models in bfloat16."""
+def test_auto_student_precision_keeps_float32_for_strided_depthwise_convolutions_on_cpu(
+        monkeypatch):
+    """oneDNN runs a strided depthwise convolution 2.4-12x slower in bfloat16 on a CPU:
+    "auto" trains such a model (MobileNet, EfficientNet) in float32 there; stride-1
+    depthwise (ConvNeXt) and grouped or dense strided convolutions take bfloat16."""
     from erm_surgery.methods.ktp import layout
 
     monkeypatch.setattr(layout, "fast_bfloat16", lambda device: True)
-    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2))
-    depthwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2, groups=2))
+    convnext_like = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 7, groups=8))
+    mobilenet_like = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2, groups=8))
     cpu = torch.device("cpu")
-    assert not layout.depthwise_convolutions(plain)
-    assert layout.depthwise_convolutions(depthwise)
+    assert not layout.strided_depthwise_convolutions(plain)
+    assert not layout.strided_depthwise_convolutions(convnext_like)
+    assert layout.strided_depthwise_convolutions(mobilenet_like)
     assert layout.autocast_dtype(cpu, "auto", trains=plain) is torch.bfloat16
-    assert layout.autocast_dtype(cpu, "auto", trains=depthwise) is None
+    assert layout.autocast_dtype(cpu, "auto", trains=convnext_like) is torch.bfloat16
+    assert layout.autocast_dtype(cpu, "auto", trains=mobilenet_like) is None
     assert layout.autocast_dtype(cpu, "auto") is torch.bfloat16  # a forward-only pass
-    assert layout.autocast_dtype(cpu, "bfloat16", trains=depthwise) is torch.bfloat16
-    assert layout.autocast_dtype(torch.device("cuda"), "auto", trains=depthwise) is (
+    assert layout.autocast_dtype(cpu, "bfloat16", trains=mobilenet_like) is torch.bfloat16
+    assert layout.autocast_dtype(torch.device("cuda"), "auto", trains=mobilenet_like) is (
         torch.bfloat16)  # the rule is the CPU's: (monkeypatched) fast GPUs take bfloat16
 
 

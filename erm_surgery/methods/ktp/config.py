@@ -99,9 +99,9 @@ class KTPConfig(Recipe):
         student_precision: the arithmetic of the student's distillation steps (forward and
             loss under autocast; weights, gradients and the optimiser stay float32):
             ``"auto"`` (bfloat16 where the device has fast bfloat16 and, on a CPU, the
-            model has no depthwise convolution: such models trained slower in bfloat16
-            there, :func:`~erm_surgery.methods.ktp.layout.autocast_dtype`; a KTP epoch of
-            resnet18 took 0.80x of its float32 time),
+            model has no strided depthwise convolution, which oneDNN runs slower in
+            bfloat16: :func:`~erm_surgery.methods.ktp.layout.autocast_dtype`; a KTP epoch
+            of resnet18 took 0.80x of its float32 time),
             ``"float32"`` or ``"bfloat16"``. Ignored when the accelerator passed to
             ``unlearn`` already runs mixed precision. :attr:`KTPInfo.student_precision`
             says which ran.

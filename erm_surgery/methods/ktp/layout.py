@@ -21,8 +21,8 @@ from itertools import chain
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "autocast_dtype", "channels_last_weights", "depthwise_convolutions",
-           "fast_bfloat16", "teacher_in_channels_last", "to_channels_last"]
+__all__ = ["PRECISIONS", "autocast_dtype", "channels_last_weights", "fast_bfloat16",
+           "strided_depthwise_convolutions", "teacher_in_channels_last", "to_channels_last"]
 
 #: the names ``KTPConfig.teacher_precision`` and ``student_precision`` take
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -86,10 +86,11 @@ def fast_bfloat16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def depthwise_convolutions(model: nn.Module) -> bool:
-    """Whether ``model`` has a depthwise convolution (one filter per input channel)."""
+def strided_depthwise_convolutions(model: nn.Module) -> bool:
+    """Whether ``model`` has a depthwise convolution (one filter per input channel) with a
+    stride above 1, the downsampling block of MobileNets and EfficientNets."""
     return any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels
-               for m in model.modules())
+               and max(m.stride) > 1 for m in model.modules())
 
 
 def autocast_dtype(device: torch.device, precision: str, *,
@@ -100,19 +101,20 @@ def autocast_dtype(device: torch.device, precision: str, *,
     :func:`fast_bfloat16`; ``None`` (float32) otherwise.
 
     ``trains``: the model whose training steps (forward and backward) will run under it.
-    On a CPU, ``"auto"`` keeps float32 for a model with depthwise convolutions, the
-    families measured slower in bfloat16: a training step of efficientnet_b0 and
-    mobilenetv3_large_100 took 1.2-1.3x its float32 time and convnext_atto 1.0x, while
-    resnet18, test_resnet and regnety_016 took 0.65-0.8x (32 px, one thread, AVX512-BF16).
-    A rule by measurement: single depthwise layers timed alone did not show the cause
-    (docs/unlearning.md, "Speed and memory").
+    On a CPU, ``"auto"`` keeps float32 for a model with a strided depthwise convolution:
+    oneDNN runs those 2.4-12x slower in bfloat16 than in float32 (forward and backward of
+    one layer at 32 px, one thread, AVX512-BF16; stride-1 depthwise and strided grouped
+    or dense convolutions are 0.4-0.8x), which made a whole training step of
+    efficientnet_b0 and mobilenetv3_large_100 1.2-1.3x slower in bfloat16, while
+    resnet18, test_resnet, regnety_016 (0.65-0.8x) and convnext_atto gained.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"{name} must be one of {PRECISIONS}, got {precision!r}")
     if precision == "bfloat16":
         return torch.bfloat16
     if precision == "auto" and fast_bfloat16(device):
-        if trains is not None and device.type == "cpu" and depthwise_convolutions(trains):
+        if (trains is not None and device.type == "cpu"
+                and strided_depthwise_convolutions(trains)):
             return None
         return torch.bfloat16
     return None
