@@ -117,6 +117,11 @@ def _distill_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int,
     return loss
 
 
+def _precision_name(autocast: torch.dtype | None) -> str:
+    """``"bfloat16"`` for an autocast dtype, ``"float32"`` for none (for ``KTPInfo``)."""
+    return str(autocast or torch.float32).removeprefix("torch.")
+
+
 def _retain_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the samples with a label (-100 = none); 0 for a batch without."""
     loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
@@ -371,9 +376,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         final_mse=float(last),
         batch_size=batch_size, lr=lr, warmup_steps=config.warmup_for(batch_size),
         teacher_channels_last=nhwc,
-        teacher_precision=str(autocast or torch.float32).removeprefix("torch."),
-        student_precision=(str(student_amp or torch.float32).removeprefix("torch.")
-                           if own_amp else f"{acc.mixed_precision} (accelerator)"),
+        teacher_precision=_precision_name(autocast),
+        student_precision=(_precision_name(student_amp) if own_amp
+                           else f"{acc.mixed_precision} (accelerator)"),
         steps=steps, cached_samples=teacher_maps.cached,
         cache_bytes=teacher_maps.nbytes,
         streamed_batches=teacher_maps.streamed_batches,
