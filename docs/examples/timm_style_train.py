@@ -21,6 +21,7 @@ import json
 import timm
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)  # torch, numpy and random: timm's Mixup draws from numpy
     train_set, test_set = load_mnist5k()
     train_set.tensors = tuple(t[:args.n_train] for t in train_set.tensors)
     test_set.tensors = tuple(t[:args.n_test] for t in test_set.tensors)
