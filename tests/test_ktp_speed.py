@@ -153,28 +153,33 @@ def test_fast_bfloat16_on_cuda_means_ampere_or_later_not_emulation(monkeypatch):
         assert (layout.autocast_dtype(cuda, "auto") is torch.bfloat16) is fast
 
 
-def test_auto_student_precision_keeps_float32_for_strided_depthwise_convolutions_on_cpu(
-        monkeypatch):
-    """oneDNN runs a strided depthwise convolution 2.4-12x slower in bfloat16 on a CPU:
-    "auto" trains such a model (MobileNet, EfficientNet) in float32 there; stride-1
-    depthwise (ConvNeXt) and grouped or dense strided convolutions take bfloat16."""
+def test_auto_trains_in_bfloat16_on_a_gpu_only(monkeypatch):
+    """bfloat16 training steps on a CPU left NaN in weights no loss could see (a stride-2
+    convolution's padding-only taps, two-process runs): "auto" keeps the student's steps
+    in float32 on a CPU, while a forward-only pass (the teacher's) takes bfloat16 there."""
     from erm_surgery.methods.ktp import layout
 
     monkeypatch.setattr(layout, "fast_bfloat16", lambda device: True)
-    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2, groups=2))
-    convnext_like = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 7, groups=8))
-    mobilenet_like = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, stride=2, groups=8))
-    cpu = torch.device("cpu")
-    assert not layout.strided_depthwise_convolutions(plain)
-    assert not layout.strided_depthwise_convolutions(convnext_like)
-    assert layout.strided_depthwise_convolutions(mobilenet_like)
-    assert layout.autocast_dtype(cpu, "auto", trains=plain) is torch.bfloat16
-    assert layout.autocast_dtype(cpu, "auto", trains=convnext_like) is torch.bfloat16
-    assert layout.autocast_dtype(cpu, "auto", trains=mobilenet_like) is None
-    assert layout.autocast_dtype(cpu, "auto") is torch.bfloat16  # a forward-only pass
-    assert layout.autocast_dtype(cpu, "bfloat16", trains=mobilenet_like) is torch.bfloat16
-    assert layout.autocast_dtype(torch.device("cuda"), "auto", trains=mobilenet_like) is (
-        torch.bfloat16)  # the rule is the CPU's: (monkeypatched) fast GPUs take bfloat16
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert layout.autocast_dtype(cpu, "auto", trains=True) is None
+    assert layout.autocast_dtype(cpu, "auto") is torch.bfloat16
+    assert layout.autocast_dtype(cpu, "bfloat16", trains=True) is torch.bfloat16  # opt-in
+    assert layout.autocast_dtype(cuda, "auto", trains=True) is torch.bfloat16
+
+
+def test_a_non_finite_weight_is_refused_with_the_precision_to_blame():
+    from erm_surgery.errors import UnlearningError
+    from erm_surgery.methods.ktp.ktp import _check_finite_weights
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 2))
+    _check_finite_weights(model, torch.bfloat16)  # finite: nothing to say
+    with torch.no_grad():
+        model[0].weight[0, 0, 2, 2] = float("nan")
+    with pytest.raises(UnlearningError, match=r"\['0.weight'\].*student_precision='float32'"):
+        _check_finite_weights(model, torch.bfloat16)
+    with pytest.raises(UnlearningError, match="0.weight") as err:
+        _check_finite_weights(model, None)
+    assert "student_precision" not in str(err.value)
 
 
 @pytest.mark.parametrize("fields,word", [(dict(cache_bytes=-1), "cache_bytes"),

@@ -98,13 +98,13 @@ class KTPConfig(Recipe):
             :attr:`KTPInfo.teacher_precision` says which ran.
         student_precision: the arithmetic of the student's distillation steps (forward and
             loss under autocast; weights, gradients and the optimiser stay float32):
-            ``"auto"`` (bfloat16 where the device has fast bfloat16 and, on a CPU, the
-            model has no strided depthwise convolution, which oneDNN runs slower in
-            bfloat16: :func:`~erm_surgery.methods.ktp.layout.autocast_dtype`; a KTP epoch
-            of resnet18 took 0.80x of its float32 time),
-            ``"float32"`` or ``"bfloat16"``. Ignored when the accelerator passed to
-            ``unlearn`` already runs mixed precision. :attr:`KTPInfo.student_precision`
-            says which ran.
+            ``"auto"`` (bfloat16 on a GPU with fast bfloat16, the usual mixed precision;
+            float32 on a CPU, where bfloat16 steps left NaN in weights no loss could see,
+            :func:`~erm_surgery.methods.ktp.layout.autocast_dtype`), ``"float32"`` or
+            ``"bfloat16"`` (on a CPU with AVX512-BF16: a KTP epoch of resnet18 took 0.80x
+            of its float32 time; the call refuses a student with a non-finite weight).
+            Ignored when the accelerator passed to ``unlearn`` already runs mixed
+            precision. :attr:`KTPInfo.student_precision` says which ran.
         num_workers: DataLoader worker processes for reading and augmenting images (0 =
             in the main process; raise it for image folders with decoding and transforms).
     """

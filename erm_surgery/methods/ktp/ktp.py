@@ -117,6 +117,19 @@ def _distill_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int,
     return loss
 
 
+def _check_finite_weights(student: nn.Module, autocast: torch.dtype | None) -> None:
+    """Refuse a student with a NaN / Inf weight (one host sync per call). The loss watch
+    cannot see a weight that no forward reaches, such as a convolution tap that only ever
+    meets padding: bfloat16 steps on a CPU left NaN there (docs/unlearning.md)."""
+    bad = [n for n, p in student.named_parameters()
+           if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        hint = (" with bfloat16 steps; run KTPConfig(student_precision='float32')"
+                if autocast is not None else "")
+        raise UnlearningError(f"KTP trained non-finite weights into {bad[:5]}{hint}. The "
+                              "student is discarded; the teacher is unchanged")
+
+
 def _precision_name(autocast: torch.dtype | None) -> str:
     """``"bfloat16"`` for an autocast dtype, ``"float32"`` for none (for ``KTPInfo``)."""
     return str(autocast or torch.float32).removeprefix("torch.")
@@ -312,7 +325,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     # the student's steps under bfloat16 autocast where the hardware is fast at it, unless
     # the caller's accelerator already runs mixed precision (its prepared forward autocasts)
     own_amp = acc.mixed_precision == "no"
-    student_amp = (autocast_dtype(device, config.student_precision, trains=s,
+    student_amp = (autocast_dtype(device, config.student_precision, trains=True,
                                   name="student_precision") if own_amp else None)
     # one context for every step (an autocast object can be entered again and again)
     amp = (torch.autocast(device.type, dtype=student_amp) if student_amp
@@ -360,6 +373,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     progress.close()
 
     s = acc.unwrap_model(wrapped)
+    _check_finite_weights(s, student_amp)
     for p in frozen:
         p.requires_grad_(True)
     with torch.no_grad():  # GKT

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRECISIONS", "autocast_dtype", "channels_last_weights", "fast_bfloat16",
-           "strided_depthwise_convolutions", "teacher_in_channels_last", "to_channels_last"]
+           "teacher_in_channels_last", "to_channels_last"]
 
 #: the names ``KTPConfig.teacher_precision`` and ``student_precision`` take
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -86,35 +86,22 @@ def fast_bfloat16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def strided_depthwise_convolutions(model: nn.Module) -> bool:
-    """Whether ``model`` has a depthwise convolution (one filter per input channel) with a
-    stride above 1, the downsampling block of MobileNets and EfficientNets."""
-    return any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels
-               and max(m.stride) > 1 for m in model.modules())
-
-
-def autocast_dtype(device: torch.device, precision: str, *,
-                   trains: nn.Module | None = None, name: str = "precision"
-                   ) -> torch.dtype | None:
+def autocast_dtype(device: torch.device, precision: str, *, trains: bool = False,
+                   name: str = "precision") -> torch.dtype | None:
     """The autocast dtype for ``precision`` (``KTPConfig.teacher_precision`` /
     ``student_precision``): ``torch.bfloat16`` for ``"bfloat16"``, and for ``"auto"`` where
     :func:`fast_bfloat16`; ``None`` (float32) otherwise.
 
-    ``trains``: the model whose training steps (forward and backward) will run under it.
-    On a CPU, ``"auto"`` keeps float32 for a model with a strided depthwise convolution:
-    oneDNN runs those 2.4-12x slower in bfloat16 than in float32 (forward and backward of
-    one layer at 32 px, one thread, AVX512-BF16; stride-1 depthwise and strided grouped
-    or dense convolutions are 0.4-0.8x), which made a whole training step of
-    efficientnet_b0 and mobilenetv3_large_100 1.2-1.3x slower in bfloat16, while
-    resnet18, test_resnet, regnety_016 (0.65-0.8x) and convnext_atto gained.
+    ``trains``: the pass also trains (a backward through it). ``"auto"`` then takes
+    bfloat16 on a GPU only: on a CPU (torch 2.14, oneDNN, AVX512-BF16) bfloat16 training
+    steps left NaN in a few weights of a stride-2 convolution in 5 of 30 two-process KTP
+    runs, weights whose taps only ever see padding at 32 px, so no loss showed it
+    (docs/unlearning.md, "Speed and memory"); float32 training never did.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"{name} must be one of {PRECISIONS}, got {precision!r}")
     if precision == "bfloat16":
         return torch.bfloat16
     if precision == "auto" and fast_bfloat16(device):
-        if (trains is not None and device.type == "cpu"
-                and strided_depthwise_convolutions(trains)):
-            return None
-        return torch.bfloat16
+        return None if trains and device.type == "cpu" else torch.bfloat16
     return None
