@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-DOCS = Path(__file__).parent.parent / "docs"
+ROOT = Path(__file__).parent.parent
+DOCS = ROOT / "docs"
 
 
 def python_blocks(name: str) -> list[str]:
@@ -194,3 +195,45 @@ def test_the_timm_style_training_script_runs(monkeypatch):
     assert abs(result["ema_accuracy"] - result["std_accuracy"]) < 0.1  # a working EMA
     assert result["prohibited"] <= 0.05  # G separated the classes under soft targets
     assert result["student_forget"] == 0.0
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation other than '-' and
+    '_' dropped, spaces to '-'."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    in_code = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        if in_code or not line.startswith("#"):
+            continue
+        base = _github_anchor(line.lstrip("#"))
+        n = seen.get(base, 0)  # GitHub numbers repeated headings: name, name-1, ...
+        seen[base] = n + 1
+        anchors.add(base if n == 0 else f"{base}-{n}")
+    return anchors
+
+
+def test_relative_links_in_the_docs_point_at_files_and_headings_that_exist():
+    """A doc edit that drops a section (or renames a file) breaks the links to it
+    silently; this lists every relative link whose file or heading is missing."""
+    pages = [ROOT / "README.md", ROOT / "benchmarks" / "README.md",
+             *sorted((ROOT / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            dest = (page.parent / file_part).resolve() if file_part else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)

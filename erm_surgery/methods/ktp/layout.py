@@ -94,7 +94,7 @@ def autocast_dtype(device: torch.device, precision: str, *, trains: bool = False
 
     ``trains``: the pass also trains (a backward through it). ``"auto"`` then takes
     bfloat16 on a GPU only: on a CPU (torch 2.14, oneDNN, AVX512-BF16) bfloat16 training
-    steps left NaN in a few weights of a stride-2 convolution in 5 of 30 two-process KTP
+    steps left NaN in a few weights of a stride-2 convolution in 7 of 34 two-process KTP
     runs, weights whose taps only ever see padding at 32 px, so no loss showed it
     (docs/unlearning.md, "Speed and memory"); float32 training never did.
     """
