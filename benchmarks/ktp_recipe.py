@@ -76,6 +76,12 @@ RECIPES: dict[str, KTPConfig] = {
     # issue 18, fifth round: the student's steps in float32 (the default before
     # student_precision="auto" took bfloat16 autocast where fast)
     "KTPConfig(), student float32": KTPConfig(student_precision="float32"),
+    # issue 18, sixth round: the student's steps in NHWC / in NCHW, float32 both (the CPU
+    # default since the bfloat16 NaN finding)
+    "KTPConfig(), student NHWC float32": KTPConfig(channels_last=True,
+                                                   student_precision="float32"),
+    "KTPConfig(), student NCHW float32": KTPConfig(channels_last=False,
+                                                   student_precision="float32"),
 }
 
 

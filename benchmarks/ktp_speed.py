@@ -5,8 +5,9 @@ For each model: ERM-train a teacher on MNIST-5k (4,000 train / 1,000 test digits
 
 - a training epoch: plain supervised training of a fresh copy of the model at
   :func:`erm_surgery.train`'s batch 128 (``--train-epochs`` epochs, seconds / epoch), in
-  float32 (the library's default) and under bfloat16 autocast (``mixed_precision="bf16"``,
-  the same arithmetic as a bfloat16 student);
+  float32 and NCHW (the library's default) and in each student's setup: bfloat16
+  autocast (``mixed_precision="bf16"``) for a bfloat16 student, NHWC
+  (``channels_last=True``) for an NHWC one;
 - a KTP epoch: ``ktp`` with each KTP recipe below, its total time (teacher pass, cache,
   distillation) divided by its epochs, so the teacher pass is amortised.
 
@@ -73,6 +74,9 @@ RECIPES = {"before (batch 32)": replace(OLD, teacher_channels_last=False,
                                                   show_progress=False),
            # the student in NHWC too: timed against a training epoch in NHWC
            "default, student NHWC": KTPConfig(channels_last=True, show_progress=False),
+           # the student's steps in NCHW (the default before channels_last="auto" took
+           # NHWC on a CPU)
+           "default, student NCHW": KTPConfig(channels_last=False, show_progress=False),
            # the best trade-off measured (ktp_batch_warmup/ktp_recipe.md): batch 64 on
            # MNIST-5k's nine cases, lr 0.005 * 64 / 32 with a 20-step warmup
            "batch 64, linear lr, warmup 20": KTPConfig(min_steps=64, max_batch_size=64,
@@ -124,31 +128,49 @@ def _train_epoch(name: str, retain: Subset, key: tuple[str, bool],
     return clock, peak
 
 
+def _student_nhwc(config: KTPConfig) -> bool:
+    """The layout ``config``'s student takes here (``"auto"``: NHWC on a CPU, unless the
+    model refuses it, which no model of this benchmark does)."""
+    return config.channels_last is True or (config.channels_last == "auto" and DEVICE == "cpu")
+
+
 def render(data: dict) -> list[str]:
     """The Markdown table of one run's JSON."""
     md = ["# A KTP epoch against a training epoch", "",
           f"`{data.get('command', 'python benchmarks/ktp_speed.py')}` ({data['setting']}).",
           *([data["note"]] if "note" in data else []), "",
           "Training epoch: plain supervised training of the same model on the same retain "
-          "data with `erm_surgery.train` (batch 128, float32: the library's default), in the "
-          "student's memory layout (NHWC for the 'student NHWC' recipe, else NCHW). KTP "
+          "data with `erm_surgery.train` at batch 128, float32 and NCHW: the library's "
+          "default (results from before 2026-12-04: in the student's layout). KTP "
           "epoch: the whole `ktp` call (teacher pass included) / its epochs. CPU seconds of "
           "this process, median of the interleaved rounds; ratio = KTP / training (wall "
-          "ratio in brackets); 'same prec.' = KTP / a training epoch at the student's "
-          "precision (`mixed_precision='bf16'` for a bfloat16 student). Memory: peak "
+          "ratio in brackets); 'same setup' = KTP / a training epoch in the student's "
+          "arithmetic and layout (`mixed_precision='bf16'` for a bfloat16 student, "
+          "`channels_last=True` for an NHWC one); 'steps only' = "
+          "the student's steps alone per epoch / that same-setup training epoch, and "
+          "'pass + setup' = "
+          "the share of the call spent on the teacher pass and the setup (wall, from "
+          "`KTPInfo.teacher_pass_s / distill_s / total_s`). Memory: peak "
           "resident set during the call and its rise over the set before it, MiB.", "",
           "| model | recipe | batch | steps | student | train s/epoch | KTP s/epoch | ratio | "
-          "same prec. | train RSS peak (rise) | KTP RSS peak (rise) | cache MiB | "
-          "retain acc (teacher) |",
-          "| --- " * 13 + "|"]
+          "same setup | steps only | pass + setup | train RSS peak (rise) | "
+          "KTP RSS peak (rise) | cache MiB | retain acc (teacher) |",
+          "| --- " * 15 + "|"]
     for r in data["rows"]:
         t, m = r["train"], r["ktp_memory"]
+        p = r.get("ktp_wall_s_parts")  # absent in results from before the field
+        steps_only = f"{r['ratio_wall_steps_only']:.2f}" if p else "-"
+        overhead = f"{1 - p['steps'] / sum(p.values()):.0%}" if p else "-"
+        same_setup = r.get("ratio_cpu_same_setup",  # before 2026-12-04: precision only
+                           r.get("ratio_cpu_same_precision", r["ratio_cpu"]))
         md.append(
             f"| {r['model']} ({r.get('retain_samples', 3588)} retain) | {r['recipe']} | "
-            f"{r['batch_size']} | {r['steps']} | {r.get('student_precision', 'float32')} | "
+            f"{r['batch_size']} | {r['steps']} | {r.get('student_precision', 'float32')}"
+            f"{' NHWC' if r.get('student_channels_last') else ''} | "
             f"{t['cpu_s_per_epoch']:.1f} | {r['ktp_cpu_s_per_epoch']:.1f} | "
             f"{r['ratio_cpu']:.2f} ({r['ratio_wall']:.2f}) | "
-            f"{r.get('ratio_cpu_same_precision', r['ratio_cpu']):.2f} | "
+            f"{same_setup:.2f} | "
+            f"{steps_only} | {overhead} | "
             f"{t['rss_peak_mib']:.0f} ({t['rss_rise_mib']:+.0f}) | "
             f"{m['rss_peak_mib']:.0f} ({m['rss_rise_mib']:+.0f}) | {r['cache_mib']:.1f} | "
             f"{r['retain_acc_test']:.3f} ({r['teacher_retain_acc_test']:.3f}) |")
@@ -228,12 +250,13 @@ def main() -> None:
                 G.zero_()
                 for c in range(G.shape[0]):
                     G[c, own * c:own * (c + 1)] = 1.0
-        # the training epochs a recipe is compared with: float32 (the library's default,
-        # what a retrain with erm_surgery.train runs) and bfloat16 autocast (the same
-        # arithmetic as a bfloat16 student), in each memory layout a recipe uses
-        references = [(mp, nhwc) for nhwc in sorted({r.channels_last for r in recipes.values()})
-                      for mp in ("no", "bf16")]
+        # the training epochs a recipe is compared with: float32 NCHW (the library's
+        # default, what a retrain with erm_surgery.train runs), and training with the
+        # student's arithmetic (bfloat16 autocast for a bfloat16 student) and layout
+        layouts = {False} | {_student_nhwc(r) for r in recipes.values()}
+        references = [(mp, nhwc) for nhwc in sorted(layouts) for mp in ("no", "bf16")]
         cpu_s: dict = {key: [] for key in [*references, *recipes]}
+        parts: dict = {key: [] for key in recipes}  # KTPInfo's wall seconds per round
         wall_s: dict = {key: [] for key in [*references, *recipes]}
         for _ in range(args.rounds):  # interleaved: machine load hits both sides alike
             for key in references:
@@ -250,6 +273,7 @@ def main() -> None:
                 cpu_s[label].append(clock.cpu / info.epochs)
                 wall_s[label].append(clock.wall / info.epochs)
                 results[label] = (student, info, _memory(peak))
+                parts[label].append((info.teacher_pass_s, info.distill_s, info.total_s))
         for key in references:
             train_rows[key] = {"cpu_s_per_epoch": median(cpu_s[key]),
                                "wall_s_per_epoch": median(wall_s[key]),
@@ -261,27 +285,35 @@ def main() -> None:
             report = evaluate(student, forget, train_set, test_set, original=teacher,
                               metrics=("accuracy",))
             acc = report.accuracy
-            nhwc = recipes[label].channels_last
-            default = train_rows[("no", nhwc)]
-            same = train_rows[("bf16" if info.student_precision == "bfloat16" else "no", nhwc)]
+            default = train_rows[("no", False)]
+            same = train_rows[("bf16" if info.student_precision == "bfloat16" else "no",
+                               info.student_channels_last)]
             ktp_cpu, ktp_wall = median(cpu_s[label]), median(wall_s[label])
+            pass_s, steps_s, total_s = (median(p[i] for p in parts[label]) for i in range(3))
+            steps_epoch = steps_s / info.epochs
             row = {"model": name, "teacher_epochs": epochs, "recipe": label,
                    "train_samples": n, "retain_samples": len(retain), "hand_g": hand_g,
                    "batch_size": info.batch_size, "lr": info.lr,
                    "warmup_steps": info.warmup_steps,
                    "teacher_channels_last": info.teacher_channels_last,
+                   "student_channels_last": info.student_channels_last,
                    "teacher_precision": info.teacher_precision,
                    "student_precision": info.student_precision,
                    "ktp_epochs": info.epochs, "samples": info.samples,
                    "steps": info.steps, "cached_samples": info.cached_samples,
                    "cache_mib": info.cache_bytes / (1 << 20),
                    "erm_train_cpu_s_per_epoch": erm_epoch,
-                   "train": default, "train_same_precision": same,
+                   "train": default, "train_same_setup": same,
                    "ktp_cpu_s_per_epoch": ktp_cpu, "ktp_wall_s_per_epoch": ktp_wall,
                    "ktp_cpu_s_per_epoch_rounds": cpu_s[label],
                    "ratio_cpu": ktp_cpu / default["cpu_s_per_epoch"],
                    "ratio_wall": ktp_wall / default["wall_s_per_epoch"],
-                   "ratio_cpu_same_precision": ktp_cpu / same["cpu_s_per_epoch"],
+                   "ratio_cpu_same_setup": ktp_cpu / same["cpu_s_per_epoch"],
+                   # where the call's time went (KTPInfo, wall): the steps alone
+                   # against a training epoch, and the teacher pass + setup on top
+                   "ktp_wall_s_parts": {"teacher_pass": pass_s, "steps": steps_s,
+                                        "setup": total_s - pass_s - steps_s},
+                   "ratio_wall_steps_only": steps_epoch / same["wall_s_per_epoch"],
                    "ktp_memory": memory,
                    "info_peak_rss_mib": info.peak_rss_mib,
                    "info_cuda_peak_mib": info.cuda_peak_mib,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from erm_surgery.errors import UnlearningError
 from erm_surgery.methods.ktp import KTPConfig, ktp
 from erm_surgery.methods.ktp.cache import rank_shard
 from erm_surgery.methods.ktp.layout import channels_last_weights
@@ -49,11 +50,17 @@ def test_a_tiny_cache_budget_streams_the_rest_and_trains_the_same_student(mnist_
 
 
 def test_no_cache_recomputes_every_batch_and_matches_the_cached_run(mnist_teacher):
-    full, _ = _run(mnist_teacher)
+    full, full_info = _run(mnist_teacher)
     none, info = _run(mnist_teacher, cache_bytes=0)
     assert (info.cached_samples, info.cache_bytes) == (0, 0)
     assert info.streamed_batches == info.samples // SMALL["batch_size"]
     _same_weights(full, none, atol=1e-4)
+    # where the time went: a cached run has a teacher pass, a streaming one has none
+    # (its teacher forwards are inside the steps); the parts never exceed the whole
+    assert full_info.teacher_pass_s > 0 and info.teacher_pass_s == 0.0
+    for i in (full_info, info):
+        assert 0 < i.distill_s and i.teacher_pass_s + i.distill_s < i.total_s
+        assert i.to_dict()["total_s"] == i.total_s
 
 
 def test_a_half_precision_cache_takes_half_the_bytes(mnist_teacher):
@@ -380,3 +387,39 @@ def test_a_teacher_that_refuses_nhwc_runs_in_its_own_layout():
     student, info = ktp(teacher, [3], data, config=KTPConfig(**SMALL))
     assert not info.teacher_channels_last and info.steps == 1
     assert all(p.is_contiguous() for p in teacher.parameters())
+    # the student's NHWC steps ("auto" on a CPU) fall back the same way; asked for, they
+    # are refused with the fix named
+    assert not info.student_channels_last
+    with pytest.raises(UnlearningError, match="refuses NHWC.*channels_last='auto'"):
+        ktp(teacher, [3], data, config=KTPConfig(**SMALL, channels_last=True))
+
+
+def test_the_student_steps_in_nhwc_on_a_cpu_and_comes_back_in_the_default_layout(
+        mnist_teacher):
+    nhwc, info = _run(mnist_teacher)  # channels_last="auto"
+    assert info.student_channels_last
+    # returned like any other model: every weight in the default (NCHW) layout
+    assert all(p.is_contiguous() for p in nhwc.parameters())
+    nchw, nchw_info = _run(mnist_teacher, channels_last=False)
+    assert not nchw_info.student_channels_last
+    # the layout changes the convolution algorithms, not what is learned: the same loss
+    # to within the noise Adam carries from any algorithm change (1.6% with one thread,
+    # 2.3% with two, measured)
+    assert abs(info.final_mse - nchw_info.final_mse) < 0.1 * nchw_info.final_mse
+    with pytest.raises(ValueError, match="channels_last must be True, False or 'auto'"):
+        KTPConfig(channels_last="nhwc")
+
+
+def test_auto_nhwc_is_for_cpus_only():
+    """'auto' leaves a GPU student in its own layout (NHWC was measured on CPUs only); the
+    decision is made before any tensor moves, so no GPU is needed to check it."""
+    from erm_surgery.methods.ktp.layout import student_in_channels_last
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU())
+    x = torch.randn(1, 2, 8, 8)
+    assert not student_in_channels_last(model, "auto", torch.device("cuda"), x)
+    assert not student_in_channels_last(model, False, torch.device("cpu"), x)
+    assert model[0].weight.is_contiguous()
+    assert student_in_channels_last(model, "auto", torch.device("cpu"), x)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.training  # the probe's eval mode does not stick

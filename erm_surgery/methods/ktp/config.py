@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ...training.optim import Recipe
 from ...unlearning.request import MethodInfo
@@ -83,8 +83,12 @@ class KTPConfig(Recipe):
         forget_bias: bias given to the forget classes' zeroed rows.
         entanglement_warning: warn when a retain class loses more than this fraction of the
             channels it uses (knowledge entanglement).
-        channels_last: NHWC student and inputs (faster convolutions on GPUs with AMP, and
-            on CPUs with oneDNN: 0.77-0.98x of a training step's time, measured).
+        channels_last: the student's steps in NHWC (weights and inputs): ``"auto"`` (the
+            default) on a CPU, where oneDNN trains faster in it (0.46-0.87x of a step's
+            NCHW time on six of seven timm families, measured; see
+            :func:`.layout.student_in_channels_last`), unless the model refuses NHWC;
+            ``True`` anywhere (on GPUs it helps with AMP); ``False`` never. The student
+            is returned in the default layout either way.
         teacher_channels_last: run the teacher pass (a forward without gradients) in NHWC:
             0.33-0.72x of its time on a CPU, measured. The teacher's 4-D weights are
             converted for the call and its own tensors put back after; a model whose
@@ -130,7 +134,7 @@ class KTPConfig(Recipe):
     forget_bias: float = -1e4
     entanglement_warning: float = 0.3
     num_workers: int = 0
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = "auto"
     teacher_channels_last: bool = True
     teacher_precision: str = "auto"
     student_precision: str = "auto"
@@ -157,6 +161,9 @@ class KTPConfig(Recipe):
             if getattr(self, name) not in PRECISIONS:
                 raise ValueError(f"{name} must be one of {PRECISIONS}, got "
                                  f"{getattr(self, name)!r}")
+        if self.channels_last not in (True, False, "auto"):
+            raise ValueError(f"channels_last must be True, False or 'auto', got "
+                             f"{self.channels_last!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got "
                              f"{self.cache_dtype!r}")
@@ -213,6 +220,7 @@ class KTPInfo(MethodInfo):
         lr: its learning rate.
         warmup_steps: its warmup steps (:meth:`KTPConfig.warmup_for`).
         teacher_channels_last: whether the teacher pass ran in NHWC.
+        student_channels_last: whether the student's steps ran in NHWC.
         teacher_precision: the teacher pass's autocast dtype (``"bfloat16"``), or
             ``"float32"`` when it ran in the teacher's own precision.
         student_precision: the distillation steps' autocast dtype, ``"float32"`` without
@@ -229,6 +237,11 @@ class KTPInfo(MethodInfo):
         cuda_peak_mib: ``torch.cuda.max_memory_allocated`` during the call on a GPU
             (the peak statistics are reset at the start), None on a CPU.
         not_reinitialised: parameters no ``reset_parameters`` reached.
+        teacher_pass_s: wall seconds of the teacher pass that filled the cache (0 without
+            one; maps streamed during the steps count in ``distill_s``).
+        distill_s: wall seconds of the student's distillation steps (all epochs).
+        total_s: wall seconds of the whole request; the rest beyond the two above is
+            setup (checks, the fresh student, FKT) and the final weight check.
         config: the recipe, for the record.
     """
 
@@ -245,6 +258,7 @@ class KTPInfo(MethodInfo):
     lr: float = 0.0
     warmup_steps: int = 0
     teacher_channels_last: bool = False
+    student_channels_last: bool = False
     teacher_precision: str = "float32"
     student_precision: str = "float32"
     steps: int = 0
@@ -254,4 +268,7 @@ class KTPInfo(MethodInfo):
     peak_rss_mib: float | None = None
     cuda_peak_mib: float | None = None
     not_reinitialised: list[str] = field(default_factory=list)
+    teacher_pass_s: float = 0.0
+    distill_s: float = 0.0
+    total_s: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)

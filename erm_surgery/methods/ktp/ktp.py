@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -52,7 +53,12 @@ from ...unlearning.request import (
 from .cache import CACHE_DTYPES, TeacherCache, rank_shard, split_budget
 from .config import KTPConfig, KTPInfo
 from .fkt import head_layers, transfer_head
-from .layout import autocast_dtype, teacher_in_channels_last, to_channels_last
+from .layout import (
+    autocast_dtype,
+    student_in_channels_last,
+    teacher_in_channels_last,
+    to_channels_last,
+)
 from .memory import PeakMemory
 
 __all__ = ["ktp"]
@@ -135,6 +141,14 @@ def _precision_name(autocast: torch.dtype | None) -> str:
     return str(autocast or torch.float32).removeprefix("torch.")
 
 
+def _clock(device: torch.device) -> float:
+    """Wall seconds now, after the device's queued work (one sync; called a few times a
+    request, to say where its time went)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _retain_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the samples with a label (-100 = none); 0 for a batch without."""
     loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
@@ -195,6 +209,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     block ends (the original tensors are put back then)."""
     from tqdm.auto import tqdm
 
+    started = _clock(accelerator.device)
     request = parse_request(model, classes, data, require_attached=True)
     forget = request.forget
     if config.logit_weight and not model.has_head_graph:
@@ -311,13 +326,15 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
                     + (math.ceil(len(positions) / pass_batch) if cache_on else 0),
                     desc="KTP teacher pass", unit="batch", dynamic_ncols=True,
                     disable=not (config.show_progress and acc.is_main_process))
+    pass_started = _clock(device)
     teacher_maps = TeacherCache(teacher, keep_map, distill_set, positions, device, budget,
                                 dtype=CACHE_DTYPES[config.cache_dtype],
                                 batch_size=pass_batch, num_workers=config.num_workers,
                                 progress=progress, channels_last=nhwc, autocast=autocast)
+    teacher_pass_s = _clock(device) - pass_started if teacher_maps.cached else 0.0
 
-    if config.channels_last:
-        s.to(memory_format=torch.channels_last)
+    student_nhwc = bool(idx) and student_in_channels_last(
+        s, config.channels_last, device, dataset[idx[0]][0].unsqueeze(0).to(device))
     if sharded:  # the loader is this rank's already: Accelerate must not split it again
         wrapped, opt, sched = acc.prepare(s, opt, sched)
     else:
@@ -334,12 +351,13 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     steps = 0
     watch = NonFiniteWatch(device, "KTP distillation", UnlearningError, acc)
     progress.set_description("KTP distillation")
+    steps_started = _clock(device)
     for epoch in range(config.epochs):
         watch.start(epoch)
         for x, i in loader:
             x = x.to(device)  # a prepared loader has moved it already; a shard's has not
-            if config.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if student_nhwc:
+                x = to_channels_last(x)
             target = teacher_maps.targets(x, i).float()
             with amp:
                 if head_terms:  # features and logits from one pass, through DDP's forward
@@ -371,8 +389,11 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
             progress.update(1)
         watch.check()
     progress.close()
+    steps_ended = _clock(device)
 
     s = acc.unwrap_model(wrapped)
+    if student_nhwc:  # returned in the default layout, like any other model
+        s.to(memory_format=torch.contiguous_format)
     _check_finite_weights(s, student_amp)
     for p in frozen:
         p.requires_grad_(True)
@@ -389,7 +410,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         distill_on=config.distill_on, epochs=config.epochs, samples=len(distill_set),
         final_mse=float(last),
         batch_size=batch_size, lr=lr, warmup_steps=config.warmup_for(batch_size),
-        teacher_channels_last=nhwc,
+        teacher_channels_last=nhwc, student_channels_last=student_nhwc,
         teacher_precision=_precision_name(autocast),
         student_precision=(_precision_name(student_amp) if own_amp
                            else f"{acc.mixed_precision} (accelerator)"),
@@ -397,6 +418,9 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         cache_bytes=teacher_maps.nbytes,
         streamed_batches=teacher_maps.streamed_batches,
         not_reinitialised=same,
+        teacher_pass_s=teacher_pass_s,
+        distill_s=steps_ended - steps_started,
+        total_s=_clock(device) - started,
         config={k: v for k, v in asdict(config).items()
                 if k not in ("show_progress", "num_workers")})
     return s, info
