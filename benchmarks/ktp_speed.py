@@ -45,6 +45,7 @@ import erm_surgery
 from erm_surgery.data import load_mnist5k
 from erm_surgery.evaluation import evaluate
 from erm_surgery.methods.ktp import KTPConfig, ktp
+from erm_surgery.methods.ktp.layout import student_wants_channels_last
 from erm_surgery.methods.ktp.memory import PeakMemory
 from erm_surgery.training import ERMConfig
 
@@ -126,12 +127,6 @@ def _train_epoch(name: str, retain: Subset, key: tuple[str, bool],
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     return clock, peak
-
-
-def _student_nhwc(config: KTPConfig) -> bool:
-    """The layout ``config``'s student takes here (``"auto"``: NHWC on a CPU, unless the
-    model refuses it, which no model of this benchmark does)."""
-    return config.channels_last is True or (config.channels_last == "auto" and DEVICE == "cpu")
 
 
 def render(data: dict) -> list[str]:
@@ -253,7 +248,9 @@ def main() -> None:
         # the training epochs a recipe is compared with: float32 NCHW (the library's
         # default, what a retrain with erm_surgery.train runs), and training with the
         # student's arithmetic (bfloat16 autocast for a bfloat16 student) and layout
-        layouts = {False} | {_student_nhwc(r) for r in recipes.values()}
+        # (no model here refuses NHWC, so the layout asked for is the one that runs)
+        layouts = {False} | {student_wants_channels_last(r.channels_last, torch.device(DEVICE))
+                             for r in recipes.values()}
         references = [(mp, nhwc) for nhwc in sorted(layouts) for mp in ("no", "bf16")]
         cpu_s: dict = {key: [] for key in [*references, *recipes]}
         parts: dict = {key: [] for key in recipes}  # KTPInfo's wall seconds per round

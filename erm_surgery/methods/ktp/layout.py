@@ -24,7 +24,8 @@ from torch import nn
 from ...errors import UnlearningError
 
 __all__ = ["PRECISIONS", "autocast_dtype", "channels_last_weights", "fast_bfloat16",
-           "student_in_channels_last", "teacher_in_channels_last", "to_channels_last"]
+           "student_in_channels_last", "student_wants_channels_last",
+           "teacher_in_channels_last", "to_channels_last"]
 
 #: the names ``KTPConfig.teacher_precision`` and ``student_precision`` take
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -83,6 +84,13 @@ def teacher_in_channels_last(teacher: nn.Module, enabled: bool,
         yield True
 
 
+def student_wants_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """Whether ``KTPConfig.channels_last`` asks for NHWC steps on ``device``: ``True``, or
+    ``"auto"`` on a CPU (where it was measured faster; see
+    :func:`student_in_channels_last`)."""
+    return setting is True or (setting == "auto" and device.type == "cpu")
+
+
 def student_in_channels_last(student: nn.Module, setting: bool | str, device: torch.device,
                              sample: torch.Tensor) -> bool:
     """Put the fresh ``student`` in NHWC for its distillation steps if ``setting`` says so
@@ -96,7 +104,7 @@ def student_in_channels_last(student: nn.Module, setting: bool | str, device: to
     layout on GPUs, where it was not measured, and for a model that refuses NHWC.
     ``True``: NHWC anywhere; a model that refuses it is an error. ``False``: never.
     """
-    if setting is False or (setting == "auto" and device.type != "cpu"):
+    if not student_wants_channels_last(setting, device):
         return False
     student.to(memory_format=torch.channels_last)
     mode = student.training
