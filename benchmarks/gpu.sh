@@ -7,8 +7,10 @@
 #    precision flags: it runs at 32 px in fp32 (its own defaults).
 # 3. benchmarks/ktp_speed.py (issue 18): a KTP epoch against a training epoch on the GPU
 #    (float32 and bf16 training references, interleaved): the default (bf16 student where
-#    the GPU supports it), a float32 student, the pre-issue-18 recipe, and the NHWC
-#    student against NHWC training (32 px; CUDA peak memory in its table).
+#    the GPU supports it; NCHW: channels_last="auto" takes NHWC on CPUs only), a float32
+#    student, the pre-issue-18 recipe, and the NHWC student (channels_last=True) against
+#    NHWC training: whether "auto" should take NHWC on GPUs too (32 px; CUDA peak memory
+#    in its table).
 # Everything lands in benchmarks/results/gpu/ (one folder per run, logs next to results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
