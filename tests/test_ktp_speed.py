@@ -442,3 +442,33 @@ def test_nhwc_weights_get_the_nhwc_strides_even_where_a_size_1_dim_hides_them():
                 want = torch.empty_like(p, memory_format=torch.channels_last).stride()
                 assert p.stride() == want, name
     assert {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()} == own
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_convnext", "test_byobnet",
+                                  "test_nfnet", "test_mambaout"])
+def test_the_nhwc_student_default_across_tiny_timm_families(name):
+    """channels_last='auto' on a CPU: each of these families steps in NHWC (none refuses
+    it), and the student comes back finite, in the default layout, with the forget class
+    blocked. G is set by hand (disjoint channels per class): this checks the layout path,
+    not how well the student learns."""
+    import timm
+
+    import erm_surgery
+
+    torch.manual_seed(0)
+    teacher = erm_surgery.attach(timm.create_model(name, num_classes=10))
+    with torch.no_grad():
+        G = teacher.erm.G
+        own = G.shape[1] // G.shape[0]
+        G.zero_()
+        for c in range(G.shape[0]):
+            G[c, own * c:own * (c + 1)] = 1.0
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(72, 3, 32, 32, generator=g),
+                                          torch.arange(72) % 10)
+    student, info = ktp(teacher, [3], data, config=KTPConfig(**SMALL))
+    assert info.steps == 64 // SMALL["batch_size"]
+    assert info.student_channels_last and info.teacher_channels_last
+    assert all(p.is_contiguous() and torch.isfinite(p).all() for p in student.parameters())
+    with torch.no_grad():
+        assert (student.eval()(data.tensors[0][:16]).argmax(1) != 3).all()
