@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import separated
 from torch import nn
 from torch.utils.data import Subset
 
@@ -457,12 +458,7 @@ def test_the_nhwc_student_default_across_tiny_timm_families(name):
 
     torch.manual_seed(0)
     teacher = erm_surgery.attach(timm.create_model(name, num_classes=10))
-    with torch.no_grad():
-        G = teacher.erm.G
-        own = G.shape[1] // G.shape[0]
-        G.zero_()
-        for c in range(G.shape[0]):
-            G[c, own * c:own * (c + 1)] = 1.0
+    separated(teacher, own=teacher.surgery.num_channels // 10)
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(72, 3, 32, 32, generator=g),
                                           torch.arange(72) % 10)
