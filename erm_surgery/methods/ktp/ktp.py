@@ -256,10 +256,12 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     shape[cd] = keep.numel()
     keep_map = keep_f.view(shape)
 
+    # one sample, read once: the NHWC probes of the teacher and the student run on it
+    probe = dataset[idx[0]][0].unsqueeze(0).to(device) if idx else None
+
     def one_sample() -> None:
         with torch.no_grad():
-            teacher.forward_features(to_channels_last(dataset[idx[0]][0].unsqueeze(0)).to(
-                device))
+            teacher.forward_features(to_channels_last(probe))
 
     nhwc = bool(idx) and teacher_layout.enter_context(teacher_in_channels_last(
         teacher, config.teacher_channels_last, one_sample))
@@ -334,7 +336,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     teacher_pass_s = _clock(device) - pass_started if teacher_maps.cached else 0.0
 
     student_nhwc = bool(idx) and student_in_channels_last(
-        s, config.channels_last, device, dataset[idx[0]][0].unsqueeze(0).to(device))
+        s, config.channels_last, device, probe)
     if sharded:  # the loader is this rank's already: Accelerate must not split it again
         wrapped, opt, sched = acc.prepare(s, opt, sched)
     else:
