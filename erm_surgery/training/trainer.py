@@ -45,6 +45,7 @@ from .checks import NonFiniteWatch, check_training_data
 from .health import WEAK_PROHIBITION, ERMHealth, erm_health
 from .losses import ERMConfig, erm_loss, is_erm_epoch
 from .optim import cosine_schedule, default_optimizer
+from .precision import bfloat16_gradient_hazards
 
 __all__ = ["EpochStats", "TrainResult", "ERMHealth", "erm_health", "ERMTrainer", "train",
            "make_accelerator", "std_accuracy", "caller_state_kept", "TrainingData"]
@@ -338,6 +339,8 @@ class ERMTrainer:
         self.history: list[EpochStats] = []
         self.start_epoch = 0
         self._watch = NonFiniteWatch(acc.device, "ERM training", TrainingError, acc)
+        # oneDNN's bfloat16 weight gradients are wrong for some small-map geometries
+        self._check_bfloat16 = acc.device.type == "cpu" and acc.mixed_precision == "bf16"
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -476,6 +479,17 @@ class ERMTrainer:
                 check_labels(y, mask.G.shape[0], error=TrainingError,
                              name="the training labels (first batch)")
                 self._check_first_batch = False
+            if self._check_bfloat16:  # before the first step: see .precision
+                self._check_bfloat16 = False
+                hazards = bfloat16_gradient_hazards(self.model, x[:1])
+                if hazards:
+                    raise TrainingError(
+                        f"mixed_precision='bf16' on a CPU, but at this input size "
+                        f"({tuple(x.shape[1:])}) the convolutions {hazards[:5]} get "
+                        "one-pixel maps with a stride above 1, whose bfloat16 weight "
+                        "gradients oneDNN leaves partly uninitialised (garbage or NaN in "
+                        "the weights). Train with mixed_precision='no', or on larger "
+                        "inputs. Nothing was trained")
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.mixup is not None:
@@ -635,6 +649,10 @@ def train(
         weight_decay: weight decay of the default optimiser (None = its own: 5e-4 SGD,
             0.05 AdamW).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` for the default accelerator.
+            ``"bf16"`` on a CPU is refused (:class:`TrainingError`, before the first step)
+            for a model with a strided convolution that meets a one-pixel map at the
+            data's size: oneDNN leaves part of its bfloat16 weight gradient uninitialised
+            (:mod:`erm_surgery.training.precision`).
         gradient_accumulation_steps: for the default accelerator.
         seed: seeds the run (data order, initial random state).
         output_dir: history.json and checkpoints, written by the main process only.
