@@ -161,18 +161,24 @@ def test_fast_bfloat16_on_cuda_means_ampere_or_later_not_emulation(monkeypatch):
         assert (layout.autocast_dtype(cuda, "auto") is torch.bfloat16) is fast
 
 
-def test_auto_trains_in_bfloat16_on_a_gpu_only(monkeypatch):
-    """bfloat16 training steps on a CPU left NaN in weights no loss could see (a stride-2
-    convolution's padding-only taps, two-process runs): "auto" keeps the student's steps
-    in float32 on a CPU, while a forward-only pass (the teacher's) takes bfloat16 there."""
+def test_auto_student_steps_on_a_gpu_take_bfloat16_without_a_cpu_check(monkeypatch):
+    """The one-pixel-map hazard is oneDNN's (a CPU); on a fast-bfloat16 GPU "auto" takes
+    bfloat16 for the student's steps without a probe forward (tests/test_precision.py has
+    the CPU rules)."""
     from erm_surgery.methods.ktp import layout
 
     monkeypatch.setattr(layout, "fast_bfloat16", lambda device: True)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert layout.autocast_dtype(cpu, "auto", trains=True) is None
-    assert layout.autocast_dtype(cpu, "auto") is torch.bfloat16
-    assert layout.autocast_dtype(cpu, "bfloat16", trains=True) is torch.bfloat16  # opt-in
-    assert layout.autocast_dtype(cuda, "auto", trains=True) is torch.bfloat16
+
+    class NoForward(nn.Module):
+        def forward(self, x):
+            raise AssertionError("no probe forward on a GPU")
+
+    cuda = torch.device("cuda")
+    assert layout.student_autocast(NoForward(), "auto", cuda, torch.zeros(1)) is torch.bfloat16
+    assert layout.student_autocast(NoForward(), "float32", cuda, torch.zeros(1)) is None
+    assert layout.autocast_dtype(torch.device("cpu"), "auto") is torch.bfloat16  # teacher
+    with pytest.raises(ValueError, match="student_precision"):
+        layout.student_autocast(NoForward(), "fp8", cuda, torch.zeros(1))
 
 
 def test_a_non_finite_weight_is_refused_with_the_precision_to_blame():

@@ -102,13 +102,18 @@ class KTPConfig(Recipe):
             :attr:`KTPInfo.teacher_precision` says which ran.
         student_precision: the arithmetic of the student's distillation steps (forward and
             loss under autocast; weights, gradients and the optimiser stay float32):
-            ``"auto"`` (bfloat16 on a GPU with fast bfloat16, the usual mixed precision;
-            float32 on a CPU, where bfloat16 steps left NaN in weights no loss could see,
-            :func:`~erm_surgery.methods.ktp.layout.autocast_dtype`), ``"float32"`` or
-            ``"bfloat16"`` (on a CPU with AVX512-BF16: a KTP epoch of resnet18 took 0.80x
-            of its float32 time; the call refuses a student with a non-finite weight).
-            Ignored when the accelerator passed to ``unlearn`` already runs mixed
-            precision. :attr:`KTPInfo.student_precision` says which ran.
+            ``"auto"`` (bfloat16 where the hardware is fast at it, a GPU of compute
+            capability 8+ or a CPU with AVX512-BF16 / AMX, the usual mixed precision;
+            float32 on a CPU for a student with a strided convolution that meets a
+            one-pixel map at the data's size, whose bfloat16 weight gradient oneDNN leaves
+            partly uninitialised, or with a strided depthwise convolution, which oneDNN
+            runs slower in bfloat16: :func:`~erm_surgery.methods.ktp.layout.student_autocast`,
+            :mod:`erm_surgery.training.precision`), ``"float32"`` or ``"bfloat16"``
+            (anywhere; on a CPU an :class:`UnlearningError` before any work for a student
+            with that one-pixel hazard). The call also refuses a student that ends with a
+            non-finite weight. Ignored when the accelerator passed to ``unlearn`` already
+            runs mixed precision (its ``"bf16"`` on a CPU gets the same hazard check).
+            :attr:`KTPInfo.student_precision` says which ran.
         num_workers: DataLoader worker processes for reading and augmenting images (0 =
             in the main process; raise it for image folders with decoding and transforms).
     """

@@ -55,6 +55,7 @@ from .config import KTPConfig, KTPInfo
 from .fkt import head_layers, transfer_head
 from .layout import (
     autocast_dtype,
+    student_autocast,
     student_in_channels_last,
     teacher_in_channels_last,
     to_channels_last,
@@ -126,7 +127,9 @@ def _distill_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int,
 def _check_finite_weights(student: nn.Module, autocast: torch.dtype | None) -> None:
     """Refuse a student with a NaN / Inf weight (one host sync per call). The loss watch
     cannot see a weight that no forward reaches, such as a convolution tap that only ever
-    meets padding: bfloat16 steps on a CPU left NaN there (docs/unlearning.md)."""
+    meets padding: oneDNN's bfloat16 steps left NaN there on one-pixel maps, which
+    :func:`.layout.student_autocast` now keeps in float32; this is the backstop for a
+    geometry the rule does not know (docs/unlearning.md)."""
     bad = [n for n, p in student.named_parameters()
            if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
@@ -256,8 +259,22 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
     shape[cd] = keep.numel()
     keep_map = keep_f.view(shape)
 
-    # one sample, read once: the NHWC probes of the teacher and the student run on it
+    # one sample, read once: the NHWC probes of the teacher and the student, and the
+    # student's bfloat16 check, run on it
     probe = dataset[idx[0]][0].unsqueeze(0).to(device) if idx else None
+
+    # the student's steps under bfloat16 autocast where the hardware is fast at it and
+    # oneDNN trains this model right at this input size (refused before any work if asked
+    # for where it does not), unless the caller's accelerator already runs mixed precision
+    # (its prepared forward autocasts; the same check applies to its bf16)
+    own_amp = acc.mixed_precision == "no"
+    if own_amp:
+        student_amp = student_autocast(s, config.student_precision, device, probe)
+    else:
+        student_amp = None
+        if acc.mixed_precision == "bf16":
+            student_autocast(s, "bfloat16", device, probe,
+                             asked="an accelerator with mixed_precision='bf16'")
 
     def one_sample() -> None:
         with torch.no_grad():
@@ -341,11 +358,6 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         wrapped, opt, sched = acc.prepare(s, opt, sched)
     else:
         wrapped, opt, loader, sched = acc.prepare(s, opt, loader, sched)
-    # the student's steps under bfloat16 autocast where the hardware is fast at it, unless
-    # the caller's accelerator already runs mixed precision (its prepared forward autocasts)
-    own_amp = acc.mixed_precision == "no"
-    student_amp = (autocast_dtype(device, config.student_precision, trains=True,
-                                  name="student_precision") if own_amp else None)
     # one context for every step (an autocast object can be entered again and again)
     amp = (torch.autocast(device.type, dtype=student_amp) if student_amp
            else contextlib.nullcontext())

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from ...errors import UnlearningError
+from ...training.precision import bfloat16_gradient_hazards, strided_depthwise_convolutions
 
 __all__ = ["PRECISIONS", "autocast_dtype", "channels_last_weights", "fast_bfloat16",
-           "student_in_channels_last", "student_wants_channels_last",
+           "student_autocast", "student_in_channels_last", "student_wants_channels_last",
            "teacher_in_channels_last", "to_channels_last"]
 
 #: the names ``KTPConfig.teacher_precision`` and ``student_precision`` take
@@ -140,22 +141,54 @@ def fast_bfloat16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def autocast_dtype(device: torch.device, precision: str, *, trains: bool = False,
+def autocast_dtype(device: torch.device, precision: str, *,
                    name: str = "precision") -> torch.dtype | None:
-    """The autocast dtype for ``precision`` (``KTPConfig.teacher_precision`` /
-    ``student_precision``): ``torch.bfloat16`` for ``"bfloat16"``, and for ``"auto"`` where
-    :func:`fast_bfloat16`; ``None`` (float32) otherwise.
-
-    ``trains``: the pass also trains (a backward through it). ``"auto"`` then takes
-    bfloat16 on a GPU only: on a CPU (torch 2.14, oneDNN, AVX512-BF16) bfloat16 training
-    steps left NaN in a few weights of a stride-2 convolution in 7 of 34 two-process KTP
-    runs, weights whose taps only ever see padding at 32 px, so no loss showed it
-    (docs/unlearning.md, "Speed and memory"); float32 training never did.
+    """The autocast dtype of a forward-only pass (the teacher's) for ``precision``
+    (``KTPConfig.teacher_precision``): ``torch.bfloat16`` for ``"bfloat16"``, and for
+    ``"auto"`` where :func:`fast_bfloat16`; ``None`` (float32) otherwise. The student's
+    steps, which also train, use :func:`student_autocast`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"{name} must be one of {PRECISIONS}, got {precision!r}")
     if precision == "bfloat16":
         return torch.bfloat16
     if precision == "auto" and fast_bfloat16(device):
-        return None if trains and device.type == "cpu" else torch.bfloat16
+        return torch.bfloat16
     return None
+
+
+def student_autocast(student: nn.Module, precision: str, device: torch.device,
+                     sample: torch.Tensor | None, *,
+                     asked: str = "KTPConfig(student_precision='bfloat16')"
+                     ) -> torch.dtype | None:
+    """The autocast dtype of the student's distillation steps
+    (``KTPConfig.student_precision``), ``None`` for float32.
+
+    ``"auto"``: bfloat16 where :func:`fast_bfloat16`, except on a CPU for a student that
+    oneDNN would train wrongly in bfloat16 at ``sample``'s size (a strided convolution on a
+    one-pixel map, whose padding-only taps get uninitialised gradients) or slowly (a
+    strided depthwise convolution); see :mod:`erm_surgery.training.precision`.
+    ``"bfloat16"``: bfloat16 anywhere, and on a CPU an :class:`UnlearningError` for a
+    student with such a hazard, which would end with garbage or NaN in those weights.
+    ``sample``: one input at the data's size (``None``: no data, nothing to train);
+    ``asked``: who asked for bfloat16, for the error.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"student_precision must be one of {PRECISIONS}, got "
+                         f"{precision!r}")
+    if precision == "float32" or (precision == "auto" and not fast_bfloat16(device)):
+        return None
+    if device.type != "cpu" or sample is None:
+        return torch.bfloat16
+    hazards = bfloat16_gradient_hazards(student, sample)
+    if precision == "bfloat16" and hazards:
+        raise UnlearningError(
+            f"{asked} on a CPU, but at this input size "
+            f"({tuple(sample.shape[1:])}) the convolutions {hazards[:5]} get one-pixel "
+            "maps with a stride above 1, whose bfloat16 weight gradients oneDNN leaves "
+            "partly uninitialised (garbage or NaN in the weights). Use "
+            "student_precision='auto' or 'float32', or larger inputs. The teacher is "
+            "unchanged")
+    if precision == "auto" and (hazards or strided_depthwise_convolutions(student)):
+        return None
+    return torch.bfloat16
