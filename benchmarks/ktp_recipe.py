@@ -82,6 +82,11 @@ RECIPES: dict[str, KTPConfig] = {
                                                    student_precision="float32"),
     "KTPConfig(), student NCHW float32": KTPConfig(channels_last=False,
                                                    student_precision="float32"),
+    # issue 18, seventh round: bfloat16 steps back on a CPU ("auto" skips only the
+    # geometries oneDNN trains wrongly, erm_surgery.training.precision): NHWC bfloat16 is
+    # the CPU default; NCHW bfloat16 for the layout's share
+    "KTPConfig(), student NCHW bfloat16": KTPConfig(channels_last=False,
+                                                    student_precision="bfloat16"),
 }
 
 
