@@ -4,7 +4,8 @@
   any training loop;
 - :mod:`.trainer`: :func:`train` / :class:`ERMTrainer` on Accelerate;
 - :mod:`.optim`: the shared optimisation :class:`Recipe`, optimiser and cosine schedule;
-- :mod:`.g_metrics`: CSI, L1-density and friends of ``G``.
+- :mod:`.g_metrics`: CSI, L1-density and friends of ``G``;
+- :mod:`.precision`: the convolutions oneDNN trains wrongly (or slowly) in bfloat16 on a CPU.
 """
 
 from . import g_metrics
