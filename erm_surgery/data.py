@@ -150,6 +150,20 @@ def batch_statistics(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def first_input(data: Dataset | DataLoader) -> torch.Tensor | None:
+    """The first sample's input as a batch of one (``dataset[0][0]``), to learn the input
+    size before training; ``None`` for empty or iterable-style data, or a sample whose
+    input is not a tensor."""
+    dataset = as_dataset(data)
+    try:
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            return None
+        x = dataset[0][0]
+    except (TypeError, NotImplementedError, IndexError, KeyError):
+        return None
+    return x.unsqueeze(0) if isinstance(x, torch.Tensor) else None
+
+
 def get_labels(data: Dataset | DataLoader) -> torch.Tensor:
     """All labels of ``data`` as a 1-D int64 CPU tensor, in dataset order.
 

@@ -161,3 +161,24 @@ def test_train_takes_cpu_bf16_where_no_hazard_is_flagged(fresh_accelerate_state)
     result = erm_surgery.train(model, _digits(32), epochs=1, mixed_precision="bf16",
                                show_progress=False, batch_size=32)
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+@pytest.mark.parametrize("method", ["ktp", "finetune", "scrub", "ec"])
+def test_every_training_loop_refuses_a_cpu_bf16_accelerator_on_a_hazard(
+        method, fresh_accelerate_state):
+    """KTP, the SGD loop (fine-tune, retrain, amnesiac, SISA), the step loop (SCRUB,
+    SalUn, ...) and EC all train under the caller's accelerator: a CPU bf16 one on a
+    model with a one-pixel-map hazard is refused before the first step, and the model
+    the caller passed is unchanged."""
+    from erm_surgery.training import make_accelerator
+
+    model = _test_resnet()
+    separated(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator = make_accelerator("bf16")
+    with warnings.catch_warnings(), pytest.raises(UnlearningError,
+                                                  match=r"layer4\.0\.conv1.*'no'"):
+        warnings.simplefilter("ignore")  # a weak hand-set prohibition: not the point
+        erm_surgery.unlearn(model, [1], _digits(16), method=method, accelerator=accelerator,
+                            show_progress=False, epochs=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

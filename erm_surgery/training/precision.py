@@ -18,16 +18,21 @@ KTP's bfloat16 students on 16 px inputs end with NaN in ``test_resnet``'s stride
 EfficientNet's downsampling blocks) took 2.4-12x its float32 time (one layer at 32 px, one
 thread), which made a whole training step of efficientnet_b0 1.2x slower in bfloat16.
 
-Shared by :func:`erm_surgery.train` (refuses ``mixed_precision="bf16"`` on a CPU for a
-model with a hazard) and KTP's student steps (``KTPConfig.student_precision``).
+Shared by every training loop of the library: :func:`erm_surgery.train` and the methods
+that train under a caller's CPU bf16 accelerator refuse a model with a hazard
+(:func:`refuse_cpu_bfloat16_hazards`); KTP's student steps also choose their own
+precision by it (``KTPConfig.student_precision``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["bfloat16_gradient_hazards", "strided_depthwise_convolutions"]
+__all__ = ["bfloat16_gradient_hazards", "refuse_cpu_bfloat16_hazards",
+           "strided_depthwise_convolutions"]
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -71,3 +76,22 @@ def strided_depthwise_convolutions(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules()
             if isinstance(m, _CONVOLUTIONS) and 1 < m.groups == m.in_channels
             and max(m.stride) > 1]
+
+
+def refuse_cpu_bfloat16_hazards(model: nn.Module, sample: torch.Tensor | None, accelerator: Any,
+                                error: type[Exception], who: str) -> None:
+    """Raise ``error`` when ``accelerator`` trains under bf16 autocast on a CPU and
+    ``model`` has a :func:`bfloat16_gradient_hazards` at ``sample``'s size (one input or a
+    batch; ``None`` = nothing to check). Call it before the first optimiser step, so that
+    nothing is trained when it raises; ``who`` names the caller in the message."""
+    if (sample is None or accelerator.device.type != "cpu"
+            or accelerator.mixed_precision != "bf16"):
+        return
+    hazards = bfloat16_gradient_hazards(model, sample[:1])
+    if hazards:
+        raise error(
+            f"{who}: mixed_precision='bf16' on a CPU, but at this input size "
+            f"({tuple(sample.shape[1:])}) the convolutions {hazards[:5]} get one-pixel maps "
+            "with a stride above 1, whose bfloat16 weight gradients oneDNN leaves partly "
+            "uninitialised (garbage or NaN in the weights). Use an accelerator with "
+            "mixed_precision='no', or larger inputs. Nothing was trained")

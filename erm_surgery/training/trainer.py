@@ -45,7 +45,7 @@ from .checks import NonFiniteWatch, check_training_data
 from .health import WEAK_PROHIBITION, ERMHealth, erm_health
 from .losses import ERMConfig, erm_loss, is_erm_epoch
 from .optim import cosine_schedule, default_optimizer
-from .precision import bfloat16_gradient_hazards
+from .precision import refuse_cpu_bfloat16_hazards
 
 __all__ = ["EpochStats", "TrainResult", "ERMHealth", "erm_health", "ERMTrainer", "train",
            "make_accelerator", "std_accuracy", "caller_state_kept", "TrainingData"]
@@ -339,8 +339,9 @@ class ERMTrainer:
         self.history: list[EpochStats] = []
         self.start_epoch = 0
         self._watch = NonFiniteWatch(acc.device, "ERM training", TrainingError, acc)
-        # oneDNN's bfloat16 weight gradients are wrong for some small-map geometries
-        self._check_bfloat16 = acc.device.type == "cpu" and acc.mixed_precision == "bf16"
+        # oneDNN's bfloat16 weight gradients are wrong for some small-map geometries:
+        # checked on the first batch (refuse_cpu_bfloat16_hazards)
+        self._check_bfloat16 = True
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -481,15 +482,8 @@ class ERMTrainer:
                 self._check_first_batch = False
             if self._check_bfloat16:  # before the first step: see .precision
                 self._check_bfloat16 = False
-                hazards = bfloat16_gradient_hazards(self.model, x[:1])
-                if hazards:
-                    raise TrainingError(
-                        f"mixed_precision='bf16' on a CPU, but at this input size "
-                        f"({tuple(x.shape[1:])}) the convolutions {hazards[:5]} get "
-                        "one-pixel maps with a stride above 1, whose bfloat16 weight "
-                        "gradients oneDNN leaves partly uninitialised (garbage or NaN in "
-                        "the weights). Train with mixed_precision='no', or on larger "
-                        "inputs. Nothing was trained")
+                refuse_cpu_bfloat16_hazards(self.model, x, acc, TrainingError,
+                                            "erm_surgery.train")
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.mixup is not None:

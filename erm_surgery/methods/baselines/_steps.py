@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ...data import batch_statistics, shuffled_loader
+from ...data import batch_statistics, first_input, shuffled_loader
 from ...errors import UnlearningError
 from ...surgery import unwrap
 from ...training.optim import Recipe, cosine_schedule
+from ...training.precision import refuse_cpu_bfloat16_hazards
 from ...unlearning.request import device_name, frozen_mask
 from .common import LoopResult
 
@@ -90,6 +91,7 @@ class StepRun:
         self.steps = 0
         self.last = torch.zeros(())
         self._mask_ctx = frozen_mask(model)
+        self._bf16_checked = False  # oneDNN's CPU bf16 hazard, on the first loader's data
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +134,10 @@ class StepRun:
                 f"{self.desc}: the data holds {len(dataset)} sample(s) to train on, and the "  # type: ignore[arg-type]
                 "model normalises with batch statistics (BatchNorm), which need more than "
                 "one value per channel in a training batch; pass more data")
+        if self._train_mode and not self._bf16_checked:  # the first loader: before any step
+            self._bf16_checked = True
+            refuse_cpu_bfloat16_hazards(unwrap(self._model), first_input(dataset), self.acc,
+                                        UnlearningError, self.desc)
         loader = shuffled_loader(dataset, batch_size or self.recipe.batch_size,
                                  seed=self.recipe.seed if seed is None else seed)
         return self.acc.prepare(loader)

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ...data import batch_statistics, shuffled_loader
+from ...data import batch_statistics, first_input, shuffled_loader
 from ...errors import UnlearningError
 from ...surgery import unwrap
 from ...training.optim import Recipe, cosine_schedule
+from ...training.precision import refuse_cpu_bfloat16_hazards
 from ...unlearning.request import MethodInfo, device_name, frozen_mask
 
 __all__ = ["BaselineInfo", "LoopResult", "sgd_loop"]
@@ -81,6 +82,8 @@ def sgd_loop(
             "normalises with batch statistics (BatchNorm), which need more than one value "
             "per channel in a training batch; pass more data")
     acc = accelerator or make_accelerator()
+    refuse_cpu_bfloat16_hazards(unwrap(model), first_input(dataset), acc, UnlearningError,
+                                desc)
     loader = shuffled_loader(dataset, recipe.batch_size, seed=recipe.seed)
     loss_fn = loss_fn or F.cross_entropy
     total = max(1, len(loader) * recipe.epochs)

@@ -35,8 +35,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ...data import shuffled_loader
+from ...errors import UnlearningError
 from ...surgery import unwrap
 from ...training.optim import Recipe, cosine_schedule
+from ...training.precision import refuse_cpu_bfloat16_hazards
 from ...unlearning.registry import register_method
 from ...unlearning.request import (
     MethodInfo,
@@ -184,6 +186,7 @@ def _ec_finetune(model: nn.Module, forget: Sequence[int], data: Dataset | DataLo
     model.to(acc.device)
     example = next(iter(DataLoader(Subset(dataset, forget_idx[:1] + retain_idx[:1]),
                                    batch_size=2)))[0].to(acc.device)
+    refuse_cpu_bfloat16_hazards(unwrap(model), example, acc, UnlearningError, "EC")
     plugin = ECPlugin(model, forget, example=example, layers=config.layers,
                       num_aux_layers=config.num_aux_layers, layer_weights=config.layer_weights,
                       temperature=config.temperature,

@@ -42,6 +42,7 @@ from ...errors import UnlearningError, warn_user
 from ...surgery import ERMModel, attach
 from ...training.checks import NonFiniteWatch
 from ...training.optim import cosine_schedule
+from ...training.precision import refuse_cpu_bfloat16_hazards
 from ...unlearning.registry import register_method
 from ...unlearning.request import (
     check_separation,
@@ -272,9 +273,7 @@ def _ktp(model: ERMModel, classes: Iterable[int], data: Dataset | DataLoader,
         student_amp = student_autocast(s, config.student_precision, device, probe)
     else:
         student_amp = None
-        if acc.mixed_precision == "bf16":
-            student_autocast(s, "bfloat16", device, probe,
-                             asked="an accelerator with mixed_precision='bf16'")
+        refuse_cpu_bfloat16_hazards(s, probe, acc, UnlearningError, "KTP")
 
     def one_sample() -> None:
         with torch.no_grad():

@@ -158,9 +158,7 @@ def autocast_dtype(device: torch.device, precision: str, *,
 
 
 def student_autocast(student: nn.Module, precision: str, device: torch.device,
-                     sample: torch.Tensor | None, *,
-                     asked: str = "KTPConfig(student_precision='bfloat16')"
-                     ) -> torch.dtype | None:
+                     sample: torch.Tensor | None) -> torch.dtype | None:
     """The autocast dtype of the student's distillation steps
     (``KTPConfig.student_precision``), ``None`` for float32.
 
@@ -170,8 +168,7 @@ def student_autocast(student: nn.Module, precision: str, device: torch.device,
     strided depthwise convolution); see :mod:`erm_surgery.training.precision`.
     ``"bfloat16"``: bfloat16 anywhere, and on a CPU an :class:`UnlearningError` for a
     student with such a hazard, which would end with garbage or NaN in those weights.
-    ``sample``: one input at the data's size (``None``: no data, nothing to train);
-    ``asked``: who asked for bfloat16, for the error.
+    ``sample``: one input at the data's size (``None``: no data, nothing to train).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"student_precision must be one of {PRECISIONS}, got "
@@ -183,7 +180,7 @@ def student_autocast(student: nn.Module, precision: str, device: torch.device,
     hazards = bfloat16_gradient_hazards(student, sample)
     if precision == "bfloat16" and hazards:
         raise UnlearningError(
-            f"{asked} on a CPU, but at this input size "
+            f"KTPConfig(student_precision='bfloat16') on a CPU, but at this input size "
             f"({tuple(sample.shape[1:])}) the convolutions {hazards[:5]} get one-pixel "
             "maps with a stride above 1, whose bfloat16 weight gradients oneDNN leaves "
             "partly uninitialised (garbage or NaN in the weights). Use "
