@@ -10,9 +10,8 @@ at a larger input reads them. Measured (``benchmarks/bf16_conv_hazard.py``: 250 
 geometries, NaN-filled freed memory, two tries each): garbage in 13 of the 65 geometries
 :func:`bfloat16_gradient_hazards` flags, in none of the 185 it does not (every bad one had
 a one-pixel width under a stride of 2 or 3 there; the rule also flags the height). It is
-what made
-KTP's bfloat16 students on 16 px inputs end with NaN in ``test_resnet``'s stride-2
-``layer4.0.conv1`` (1 x 1 input there; docs/unlearning.md, "Speed and memory").
+what made KTP's bfloat16 students on 16 px inputs end with NaN in ``test_resnet``'s
+stride-2 ``layer4.0.conv1`` (1 x 1 input there; docs/unlearning.md, "Speed and memory").
 
 **Slow.** oneDNN's bfloat16 backward of a *strided depthwise* convolution (MobileNet's and
 EfficientNet's downsampling blocks) took 2.4-12x its float32 time (one layer at 32 px, one
