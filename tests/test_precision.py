@@ -182,3 +182,24 @@ def test_every_training_loop_refuses_a_cpu_bf16_accelerator_on_a_hazard(
         erm_surgery.unlearn(model, [1], _digits(16), method=method, accelerator=accelerator,
                             show_progress=False, epochs=1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_check_reads_no_sample_unless_it_runs():
+    """A dataset with random transforms must not be read one extra time (its draws would
+    shift the run's random stream) when the accelerator is not a CPU bf16 one."""
+    from types import SimpleNamespace
+
+    from erm_surgery.training.precision import refuse_cpu_bfloat16_hazards
+
+    def reader():
+        raise AssertionError("read a sample")
+
+    model = _test_resnet()
+    for device, precision in (("cpu", "no"), ("cuda", "bf16")):
+        acc = SimpleNamespace(device=torch.device(device), mixed_precision=precision)
+        refuse_cpu_bfloat16_hazards(model, reader, acc, UnlearningError, "test")
+    cpu_bf16 = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    with pytest.raises(UnlearningError, match=r"^test: .*layer4\.0\.conv1"):
+        refuse_cpu_bfloat16_hazards(model, lambda: torch.randn(1, 1, 16, 16), cpu_bf16,
+                                    UnlearningError, "test")
+    refuse_cpu_bfloat16_hazards(model, lambda: None, cpu_bf16, UnlearningError, "test")

@@ -25,6 +25,7 @@ precision by it (``KTPConfig.student_precision``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,14 +78,24 @@ def strided_depthwise_convolutions(model: nn.Module) -> list[str]:
             and max(m.stride) > 1]
 
 
-def refuse_cpu_bfloat16_hazards(model: nn.Module, sample: torch.Tensor | None, accelerator: Any,
-                                error: type[Exception], who: str) -> None:
+def refuse_cpu_bfloat16_hazards(
+    model: nn.Module,
+    sample: torch.Tensor | Callable[[], torch.Tensor | None] | None,
+    accelerator: Any,
+    error: type[Exception],
+    who: str,
+) -> None:
     """Raise ``error`` when ``accelerator`` trains under bf16 autocast on a CPU and
-    ``model`` has a :func:`bfloat16_gradient_hazards` at ``sample``'s size (one input or a
-    batch; ``None`` = nothing to check). Call it before the first optimiser step, so that
-    nothing is trained when it raises; ``who`` names the caller in the message."""
-    if (sample is None or accelerator.device.type != "cpu"
-            or accelerator.mixed_precision != "bf16"):
+    ``model`` has a :func:`bfloat16_gradient_hazards` at ``sample``'s size. ``sample``: one
+    input or a batch, or a function that reads one (called only when the check runs, so
+    that other runs read no extra sample from a dataset with random transforms); ``None``
+    = nothing to check. Call it before the first optimiser step, so that nothing is trained
+    when it raises; ``who`` names the caller in the message."""
+    if accelerator.device.type != "cpu" or accelerator.mixed_precision != "bf16":
+        return
+    if callable(sample):
+        sample = sample()
+    if sample is None:
         return
     hazards = bfloat16_gradient_hazards(model, sample[:1])
     if hazards:

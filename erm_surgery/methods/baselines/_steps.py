@@ -136,8 +136,8 @@ class StepRun:
                 "one value per channel in a training batch; pass more data")
         if self._train_mode and not self._bf16_checked:  # the first loader: before any step
             self._bf16_checked = True
-            refuse_cpu_bfloat16_hazards(unwrap(self._model), first_input(dataset), self.acc,
-                                        UnlearningError, self.desc)
+            refuse_cpu_bfloat16_hazards(unwrap(self._model), lambda: first_input(dataset),
+                                        self.acc, UnlearningError, self.desc)
         loader = shuffled_loader(dataset, batch_size or self.recipe.batch_size,
                                  seed=self.recipe.seed if seed is None else seed)
         return self.acc.prepare(loader)

@@ -82,8 +82,8 @@ def sgd_loop(
             "normalises with batch statistics (BatchNorm), which need more than one value "
             "per channel in a training batch; pass more data")
     acc = accelerator or make_accelerator()
-    refuse_cpu_bfloat16_hazards(unwrap(model), first_input(dataset), acc, UnlearningError,
-                                desc)
+    refuse_cpu_bfloat16_hazards(unwrap(model), lambda: first_input(dataset), acc,
+                                UnlearningError, desc)
     loader = shuffled_loader(dataset, recipe.batch_size, seed=recipe.seed)
     loss_fn = loss_fn or F.cross_entropy
     total = max(1, len(loader) * recipe.epochs)
