@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["bfloat16_gradient_hazards", "refuse_cpu_bfloat16_hazards",
+__all__ = ["bfloat16_gradient_hazards", "hazard_reason", "refuse_cpu_bfloat16_hazards",
            "strided_depthwise_convolutions"]
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -99,9 +99,14 @@ def refuse_cpu_bfloat16_hazards(
         return
     hazards = bfloat16_gradient_hazards(model, sample[:1])
     if hazards:
-        raise error(
-            f"{who}: mixed_precision='bf16' on a CPU, but at this input size "
-            f"({tuple(sample.shape[1:])}) the convolutions {hazards[:5]} get one-pixel maps "
-            "with a stride above 1, whose bfloat16 weight gradients oneDNN leaves partly "
-            "uninitialised (garbage or NaN in the weights). Use an accelerator with "
-            "mixed_precision='no', or larger inputs. Nothing was trained")
+        raise error(f"{who}: mixed_precision='bf16' on a CPU, but "
+                    f"{hazard_reason(sample, hazards)}. Use an accelerator with "
+                    "mixed_precision='no', or larger inputs. Nothing was trained")
+
+
+def hazard_reason(sample: torch.Tensor, hazards: list[str]) -> str:
+    """Why bfloat16 is refused, for an error message: the input size and the convolutions
+    :func:`bfloat16_gradient_hazards` found at it."""
+    return (f"at this input size ({tuple(sample.shape[1:])}) the convolutions {hazards[:5]} "
+            "get one-pixel maps with a stride above 1, whose bfloat16 weight gradients "
+            "oneDNN leaves partly uninitialised (garbage or NaN in the weights)")

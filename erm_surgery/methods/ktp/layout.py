@@ -22,7 +22,11 @@ import torch
 from torch import nn
 
 from ...errors import UnlearningError
-from ...training.precision import bfloat16_gradient_hazards, strided_depthwise_convolutions
+from ...training.precision import (
+    bfloat16_gradient_hazards,
+    hazard_reason,
+    strided_depthwise_convolutions,
+)
 
 __all__ = ["PRECISIONS", "autocast_dtype", "channels_last_weights", "fast_bfloat16",
            "student_autocast", "student_in_channels_last", "student_wants_channels_last",
@@ -180,12 +184,9 @@ def student_autocast(student: nn.Module, precision: str, device: torch.device,
     hazards = bfloat16_gradient_hazards(student, sample)
     if precision == "bfloat16" and hazards:
         raise UnlearningError(
-            f"KTPConfig(student_precision='bfloat16') on a CPU, but at this input size "
-            f"({tuple(sample.shape[1:])}) the convolutions {hazards[:5]} get one-pixel "
-            "maps with a stride above 1, whose bfloat16 weight gradients oneDNN leaves "
-            "partly uninitialised (garbage or NaN in the weights). Use "
-            "student_precision='auto' or 'float32', or larger inputs. The teacher is "
-            "unchanged")
+            f"KTPConfig(student_precision='bfloat16') on a CPU, but "
+            f"{hazard_reason(sample, hazards)}. Use student_precision='auto' or 'float32', "
+            "or larger inputs. The teacher is unchanged")
     if precision == "auto" and (hazards or strided_depthwise_convolutions(student)):
         return None
     return torch.bfloat16
